@@ -1,0 +1,1 @@
+"""Backends: one module per server kind, all behind :class:`duoserve.backends.base.Backend`."""

@@ -1,0 +1,48 @@
+"""The one small async interface every backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from duoserve.resilience import Deadline
+from duoserve.tensors import InferenceRequest, InferenceResponse
+
+
+class Backend(ABC):
+    """A server (or in-process runtime) that runs models.
+
+    ``request.model`` and ``request.version`` are the backend's own names for the model (the
+    router rewrites them from the route); ``request.framework`` is the route's framework.
+    Implementations raise :mod:`duoserve.errors` types:
+    BadRequest when the backend rejected the input, NotFound for an unknown model/version,
+    Unavailable when it could not take the call (refused, queue full: safe to retry),
+    UpstreamTimeout past the deadline, UpstreamError for anything else it answered.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def start(self) -> None:
+        """Open pools, load models. Called once when the app starts."""
+
+    @abstractmethod
+    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+        """Run one inference before the deadline."""
+
+    @abstractmethod
+    async def ready(
+        self, model: str, version: str | None = None, *, framework: str | None = None
+    ) -> bool:
+        """Whether the backend can serve this model now. Never raises.
+
+        ``framework`` matters only to backends that hold both frameworks (embedded)."""
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """The backend's own description of the model (free-form), for diagnostics."""
+        return {}
+
+    async def close(self) -> None:
+        """Release connections, threads and models."""

@@ -1,0 +1,223 @@
+"""The models.yaml schema: backends, models, their routes. Validated once, at start.
+
+A bad file fails fast with the dotted path of every offending key, e.g.
+``models.digits.routes.0.backend: no backend named 'torchsrve' (known: local, tfserving)``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from duoserve.tensors import V2_TO_NUMPY
+
+Framework = Literal["pytorch", "tensorflow"]
+FRAMEWORKS: tuple[str, ...] = ("pytorch", "tensorflow")
+
+
+class ConfigError(Exception):
+    """models.yaml is missing, unreadable or invalid; the message names each bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _BackendBase(_Strict):
+    timeout_ms: int = Field(2000, gt=0, le=600_000)
+    """Default deadline of one call to this backend (a model's timeout_ms overrides it)."""
+    max_concurrency: int = Field(64, gt=0, le=100_000)
+    """Calls in flight to this backend at once; more wait in a bounded queue, then are shed."""
+    max_queue: int = Field(64, ge=0, le=100_000)
+    """Calls allowed to wait for a concurrency slot before new ones get 503."""
+    retries: int = Field(1, ge=0, le=5)
+    """Retries of a call that the backend did not process (refused connection, queue full)."""
+
+
+class TorchServeBackendConfig(_BackendBase):
+    kind: Literal["torchserve"]
+    url: str = Field(pattern=r"^https?://")
+    """Base URL of TorchServe's inference API (port 8080), never the management API."""
+    token_file: str | None = None
+    """TorchServe's key_file.json (or a file holding just the inference key)."""
+    token_env: str | None = None
+    """Name of an environment variable holding the inference key."""
+    metrics_url: str | None = None
+    """Optional TorchServe metrics endpoint, used only for readiness probing."""
+
+
+class TFServingBackendConfig(_BackendBase):
+    kind: Literal["tfserving"]
+    protocol: Literal["grpc", "rest"] = "grpc"
+    """Which TF Serving API predictions use; status and metadata always use REST when url is set."""
+    grpc: str | None = Field(None, pattern=r"^[^/\s]+:\d+$")
+    """host:port of TF Serving's gRPC API (8500)."""
+    url: str | None = Field(None, pattern=r"^https?://")
+    """Base URL of TF Serving's REST API (8501)."""
+
+    @model_validator(mode="after")
+    def _needs_address(self) -> TFServingBackendConfig:
+        if self.protocol == "grpc" and not self.grpc:
+            raise ValueError("protocol 'grpc' needs 'grpc: host:port'")
+        if self.protocol == "rest" and not self.url:
+            raise ValueError("protocol 'rest' needs 'url: http://host:port'")
+        return self
+
+
+class V2BackendConfig(_BackendBase):
+    kind: Literal["v2"]
+    url: str = Field(pattern=r"^https?://")
+    """Base URL of an Open Inference Protocol server (Triton, MLServer, KServe)."""
+    token_env: str | None = None
+    """Optional environment variable holding a bearer token for that server."""
+
+
+class EmbeddedBackendConfig(_BackendBase):
+    kind: Literal["embedded"]
+    model_store: str = "models/store"
+    """Folder with pytorch/<model>/<version>/model.pt and tensorflow/<model>/<version>/ SavedModels;
+    relative paths are taken from the folder of models.yaml."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when the framework sees a GPU, CPU otherwise."""
+    max_batch_size: int = Field(1, ge=1, le=4096)
+    """Adaptive micro-batching: largest batch of queued requests run together (1 = off)."""
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=1000)
+    """Longest wait for a batch to fill."""
+
+
+BackendConfig = Annotated[
+    TorchServeBackendConfig | TFServingBackendConfig | V2BackendConfig | EmbeddedBackendConfig,
+    Field(discriminator="kind"),
+]
+
+
+class TensorSpec(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    datatype: str
+    shape: list[int] = Field(min_length=0, max_length=16)
+    """Dimensions; -1 is variable."""
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in V2_TO_NUMPY:
+            raise ValueError(f"unknown datatype '{value}'; use one of {', '.join(V2_TO_NUMPY)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in value):
+            raise ValueError("dimensions are positive, or -1 for variable")
+        return value
+
+    def max_elements(self, max_batch: int) -> int:
+        """Elements of the largest tensor this spec admits, variable dims taken as max_batch."""
+        return math.prod(max_batch if d == -1 else d for d in self.shape)
+
+
+class RouteConfig(_Strict):
+    backend: str
+    """Name of a backend in `backends`."""
+    framework: Framework
+    model: str | None = None
+    """The model's name on that backend (defaults to the logical model's name)."""
+    version: str | None = None
+    """Version on the backend; none means the backend's default/latest."""
+    weight: float = Field(1.0, ge=0)
+    """Share of traffic, relative to the other routes' weights."""
+
+
+class ShadowConfig(RouteConfig):
+    sample: float = Field(1.0, gt=0, le=1)
+    """Share of primary requests copied to the shadow."""
+    weight: float = 0.0
+
+
+class ModelConfig(_Strict):
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+    shadow: ShadowConfig | None = None
+    failover: bool = False
+    """When a route's backend is down or its circuit open, try the model's other routes."""
+    timeout_ms: int | None = Field(None, gt=0, le=600_000)
+    """Deadline of a request to this model; clients may lower it, never raise it."""
+    max_concurrency: int | None = Field(None, gt=0)
+    """Requests to this model in flight at once (all routes together)."""
+    max_batch: int = Field(1024, ge=1, le=1_000_000)
+    """Largest first dimension a request may have; bounds JSON parsing before any tensor exists."""
+    platform: str | None = None
+    """Free text reported in V2 model metadata; defaults to the frameworks served."""
+
+    @model_validator(mode="after")
+    def _routes_make_sense(self) -> ModelConfig:
+        if sum(r.weight for r in self.routes) <= 0:
+            raise ValueError("routes: at least one route needs a weight above 0")
+        seen: set[str] = set()
+        for spec in self.inputs:
+            if spec.name in seen:
+                raise ValueError(f"inputs: '{spec.name}' is declared twice")
+            seen.add(spec.name)
+        return self
+
+
+class GatewayConfig(_Strict):
+    backends: dict[str, BackendConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _routes_name_backends(self) -> GatewayConfig:
+        known = ", ".join(sorted(self.backends))
+        problems = []
+        for model_name, model in self.models.items():
+            targets: list[tuple[str, RouteConfig]] = [
+                (f"models.{model_name}.routes.{i}", r) for i, r in enumerate(model.routes)
+            ]
+            if model.shadow is not None:
+                targets.append((f"models.{model_name}.shadow", model.shadow))
+            for where, route in targets:
+                if route.backend not in self.backends:
+                    problems.append(
+                        f"{where}.backend: no backend named '{route.backend}' (known: {known})"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "models.yaml") -> GatewayConfig:
+    """Validate already-parsed YAML; ConfigError lists every offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with backends and models")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(error)}") from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate models.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_config(data, str(path))

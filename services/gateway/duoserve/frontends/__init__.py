@@ -1,0 +1,1 @@
+"""Frontends: one module per client protocol (decode -> InferenceRequest, encode <- response)."""

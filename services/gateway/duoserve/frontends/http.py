@@ -1,0 +1,198 @@
+"""What every front door shares: bounded body reading, call context from headers, the one
+inference path with its metrics and response headers, and protocol-shaped error bodies."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from duoserve.dataplane import CallContext, DataPlane, Served
+from duoserve.errors import (
+    BadRequest,
+    DuoServeError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from duoserve.metrics import Metrics
+
+JSON = "application/json"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass(slots=True)
+class Gateway:
+    """The objects a front door needs, built once by create_app."""
+
+    dataplane: DataPlane
+    metrics: Metrics
+    max_body_bytes: int
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, headers=headers, media_type=JSON)
+
+
+def error_json(error: DuoServeError) -> bytes:
+    """The V2 and TF Serving error body."""
+    return orjson.dumps({"error": error.message})
+
+
+def torchserve_error_json(error: DuoServeError) -> bytes:
+    """TorchServe's error body shape."""
+    return orjson.dumps(
+        {"code": error.status, "type": type(error).__name__, "message": error.message}
+    )
+
+
+def check_content_type(request: Request, accepted: tuple[str, ...]) -> None:
+    """415 unless the body's media type is one the front door reads (absent means JSON)."""
+    raw = request.headers.get("content-type")
+    if not raw:
+        return
+    media = raw.split(";", 1)[0].strip().lower()
+    if media not in accepted:
+        raise UnsupportedMediaType(
+            f"content type '{media[:64]}' is not accepted here; send {' or '.join(accepted)}"
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes after decompression (413 beyond).
+
+    Enforced for Content-Length and chunked bodies alike, and for gzip/deflate bodies after
+    inflating, so a small compressed bomb cannot become a huge buffer.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Content-Length must be a whole number of bytes")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"content encoding '{encoding[:32]}' is not supported; use gzip")
+    inflater = zlib.decompressobj(wbits=47)  # gzip or zlib header, auto-detected
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"the body is not valid {encoding} data") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"request body over the {limit}-byte limit once decompressed")
+    if not inflater.eof:
+        raise BadRequest(f"the {encoding} body is truncated")
+    return inflated
+
+
+def call_context(request: Request, protocol: str) -> CallContext:
+    headers = request.headers
+    timeout = headers.get("x-duoserve-timeout-ms")
+    timeout_ms: float | None = None
+    if timeout is not None:
+        try:
+            timeout_ms = float(timeout)
+        except ValueError:
+            raise BadRequest("x-duoserve-timeout-ms must be a number of milliseconds") from None
+        if not timeout_ms > 0 or timeout_ms != timeout_ms:
+            raise BadRequest("x-duoserve-timeout-ms must be a positive number of milliseconds")
+    route_key = headers.get("x-duoserve-route-key")
+    return CallContext(
+        protocol=protocol,
+        pin=headers.get("x-duoserve-framework"),
+        route_key=route_key[:256] if route_key else None,
+        timeout_ms=timeout_ms,
+    )
+
+
+def request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+async def serve_inference(
+    request: Request,
+    protocol: str,
+    model_name: str,
+    handle: Callable[[Gateway, bytes, CallContext], Awaitable[tuple[Served, bytes, dict[str, str]]]],
+    render_error: Callable[[DuoServeError], bytes] = error_json,
+    accepted_types: tuple[str, ...] = (JSON,),
+) -> Response:
+    """The one inference path of every front door.
+
+    ``handle`` decodes the body, calls the data plane and encodes the answer; this wraps it with
+    body limits, metrics, response headers and the protocol's error body.
+    """
+    gateway = gateway_of(request)
+    metrics = gateway.metrics
+    started = time.perf_counter()
+    rid = request_id(request)
+    in_flight = metrics.in_flight.labels(protocol)
+    in_flight.inc()
+    framework = backend = "none"
+    metric_model = model_name if model_name in gateway.dataplane.models else "unknown"
+    try:
+        check_content_type(request, accepted_types)
+        body = await read_body(request, gateway.max_body_bytes)
+        metrics.request_size.labels(protocol).observe(len(body))
+        served, payload, extra_headers = await handle(gateway, body, call_context(request, protocol))
+    except DuoServeError as error:
+        status = error.status
+        payload = render_error(error)
+        headers = {"x-request-id": rid, **error.headers}
+        response = Response(payload, status_code=status, headers=headers, media_type=JSON)
+    else:
+        status = 200
+        framework = served.route.framework
+        backend = served.route.backend_name
+        elapsed = time.perf_counter() - started
+        headers = {
+            "x-request-id": rid,
+            "x-duoserve-framework": framework,
+            "x-duoserve-backend": backend,
+            "server-timing": (
+                f"gateway;dur={(elapsed - served.backend_s) * 1000:.3f}, "
+                f"backend;dur={served.backend_s * 1000:.3f}"
+            ),
+            **extra_headers,
+        }
+        response = Response(payload, status_code=200, headers=headers)
+        metrics.items.labels(metric_model, framework).inc(_rows(served))
+    finally:
+        in_flight.dec()
+    metrics.response_size.labels(protocol).observe(len(payload))
+    metrics.requests.labels(metric_model, framework, backend, protocol, str(status)).inc()
+    metrics.request_duration.labels(metric_model, framework, protocol).observe(
+        time.perf_counter() - started
+    )
+    return response
+
+
+def _rows(served: Served) -> int:
+    outputs = served.response.outputs
+    if outputs and outputs[0].data.ndim:
+        return int(outputs[0].data.shape[0])
+    return 1

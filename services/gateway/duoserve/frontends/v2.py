@@ -1,0 +1,473 @@
+"""Open Inference Protocol (KServe V2) REST front door, with Triton's binary tensor extension.
+
+Codec functions (``decode_v2_request``, ``encode_v2_response``) are separate from the routes,
+which stay thin. Tensor data goes from JSON straight to numpy (orjson, no per-element model
+validation); every input is bounded by the model's declared shape before any array is built.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from duoserve import __version__
+from duoserve.config import ModelConfig
+from duoserve.dataplane import CallContext, Served
+from duoserve.errors import BadRequest, NotFound
+from duoserve.frontends.http import (
+    JSON,
+    Gateway,
+    call_context,
+    check_content_type,
+    gateway_of,
+    json_response,
+    read_body,
+    request_id,
+    serve_inference,
+)
+from duoserve.tensors import (
+    InferenceRequest,
+    InferenceResponse,
+    RequestedOutput,
+    Tensor,
+    array_from_json,
+    array_to_json,
+    numpy_dtype,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+BINARY_TYPES = (JSON, "application/octet-stream", "application/vnd.triton.binary")
+PLATFORMS = {"pytorch": "pytorch_torchscript", "tensorflow": "tensorflow_savedmodel"}
+MAX_DIMS = 16
+
+
+# -- codec ------------------------------------------------------------------------------
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+
+
+def _shape(value: Any, name: str) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    ):
+        raise BadRequest(
+            f"input '{name}': shape must be a list of at most {MAX_DIMS} non-negative integers"
+        )
+    return value
+
+
+def _split_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
+    """BYTES in the binary extension: each element a 4-byte little-endian length, then bytes."""
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input '{name}': binary BYTES data ends early")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadRequest(f"input '{name}': binary BYTES element overruns its data")
+        out[i] = bytes(raw[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise BadRequest(f"input '{name}': binary BYTES data has {len(raw) - offset} extra bytes")
+    return out
+
+
+def decode_v2_request(
+    body: bytes,
+    model_name: str,
+    version: str | None,
+    config: ModelConfig,
+    header_length: str | None = None,
+) -> InferenceRequest:
+    """A V2 infer body (JSON, or JSON + binary tensors) -> InferenceRequest."""
+    binary = memoryview(b"")
+    json_part: bytes | memoryview = body
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(
+                "Inference-Header-Content-Length must be the byte length of the JSON part"
+            )
+        split = int(header_length)
+        view = memoryview(body)
+        json_part, binary = view[:split], view[split:]
+    doc = _loads(json_part)
+    if not isinstance(doc, dict):
+        raise BadRequest("the request body must be a JSON object with an 'inputs' list")
+    inputs_doc = doc.get("inputs")
+    if not isinstance(inputs_doc, list) or not inputs_doc:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    specs = {spec.name: spec for spec in config.inputs}
+    offset = 0
+    inputs: list[Tensor] = []
+    for item in inputs_doc:
+        if not isinstance(item, dict):
+            raise BadRequest("each entry of 'inputs' must be an object with name, shape, datatype")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise BadRequest("each input needs a 'name' string")
+        spec = specs.get(name)
+        if spec is None:
+            raise BadRequest(
+                f"model '{model_name}' has no input '{name}'; its inputs are: {', '.join(specs)}"
+            )
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise BadRequest(f"input '{name}' needs a 'datatype' string, e.g. {spec.datatype}")
+        dtype = numpy_dtype(datatype)
+        shape = _shape(item.get("shape"), name)
+        count = math.prod(shape)
+        limit = spec.max_elements(config.max_batch)
+        if count > limit:
+            raise BadRequest(
+                f"input '{name}': shape {shape} has {count} elements; model '{model_name}' "
+                f"takes at most {limit} ({spec.shape}, up to {config.max_batch} rows)"
+            )
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"input '{name}': 'parameters' must be an object")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a byte count")
+            if offset + size > len(binary):
+                raise BadRequest(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                array = _split_bytes_elements(bytes(chunk), count, name)
+            else:
+                if size != count * dtype.itemsize:
+                    raise BadRequest(
+                        f"input '{name}': {size} bytes of binary data, but shape {shape} of "
+                        f"{datatype} needs {count * dtype.itemsize}"
+                    )
+                array = np.frombuffer(chunk, dtype=dtype)
+            parameters = {k: v for k, v in parameters.items() if k != "binary_data_size"}
+        else:
+            if "data" not in item:
+                raise BadRequest(f"input '{name}' needs 'data' (or binary_data_size)")
+            array = array_from_json(item["data"], datatype, name)
+        if array.size != count:
+            raise BadRequest(
+                f"input '{name}': data has {array.size} values but shape {shape} needs {count}"
+            )
+        inputs.append(Tensor(name, array.reshape(shape), datatype, parameters))
+    if offset != len(binary):
+        raise BadRequest(
+            f"the body has {len(binary) - offset} bytes of binary data no input claims"
+        )
+    outputs = _requested_outputs(doc.get("outputs"))
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object")
+    return InferenceRequest(
+        model=model_name,
+        inputs=inputs,
+        version=version,
+        id=request_id,
+        outputs=outputs,
+        parameters=parameters,
+    )
+
+
+def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest("'outputs' must be a list of {\"name\": ...} objects")
+    outputs = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest("each entry of 'outputs' needs a 'name' string")
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"output '{item['name']}': 'parameters' must be an object")
+        outputs.append(RequestedOutput(item["name"], parameters))
+    return outputs
+
+
+def _binary_bytes(array: np.ndarray) -> bytes:
+    if array.dtype.kind in ("O", "S", "U"):
+        parts = []
+        for value in array.ravel():
+            data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def select_outputs(
+    response: InferenceResponse, request: InferenceRequest
+) -> list[tuple[Tensor, dict[str, Any]]]:
+    """The outputs to return, in the order asked for, each with its requested parameters."""
+    if not request.outputs:
+        return [(tensor, {}) for tensor in response.outputs]
+    chosen = []
+    for wanted in request.outputs:
+        tensor = response.output(wanted.name)
+        if tensor is None:
+            raise BadRequest(f"the model did not produce output '{wanted.name}'")
+        chosen.append((tensor, wanted.parameters))
+    return chosen
+
+
+def encode_v2_response(
+    response: InferenceResponse, request: InferenceRequest, model_name: str
+) -> tuple[bytes, dict[str, str]]:
+    """InferenceResponse -> V2 JSON (+ binary outputs when asked for), and extra headers."""
+    binary_all = bool(request.parameters.get("binary_data_output"))
+    outputs = []
+    blobs: list[bytes] = []
+    for tensor, params in select_outputs(response, request):
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": tensor.shape,
+        }
+        if params.get("binary_data", binary_all):
+            blob = _binary_bytes(tensor.data)
+            blobs.append(blob)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+        elif tensor.datatype == "BYTES":
+            entry["data"] = array_to_json(tensor.data)
+        else:
+            entry["data"] = np.ascontiguousarray(tensor.data.ravel())
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    if request.id is not None:
+        doc["id"] = request.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, {"content-type": JSON}
+    return b"".join([header, *blobs]), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
+
+
+def model_metadata(name: str, config: ModelConfig, frameworks: list[str]) -> dict[str, Any]:
+    versions = sorted({r.version for r in config.routes if r.version})
+    platform = config.platform or (
+        PLATFORMS[frameworks[0]] if len(frameworks) == 1 else "duoserve_" + "_".join(frameworks)
+    )
+    return {
+        "name": name,
+        "versions": versions,
+        "platform": platform,
+        "inputs": [s.model_dump(include={"name", "datatype", "shape"}) for s in config.inputs],
+        "outputs": [s.model_dump(include={"name", "datatype", "shape"}) for s in config.outputs],
+    }
+
+
+# -- routes -----------------------------------------------------------------------------
+
+router = APIRouter(tags=["Open Inference Protocol (V2)"])
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata(request: Request) -> Response:
+    return json_response(
+        {
+            "name": request.app.state.settings.server_name,
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "duoserve_compare"],
+        }
+    )
+
+
+@router.get("/v2/health/live", summary="Liveness")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness: every model servable, not draining")
+async def ready(request: Request) -> Response:
+    dataplane = gateway_of(request).dataplane
+    is_ready = await dataplane.ready()
+    body = {"ready": is_ready, "circuits": dataplane.circuit_states()}
+    if dataplane.draining:
+        body["draining"] = True
+    return json_response(body, status=200 if is_ready else 503)
+
+
+@router.get("/v2/models", summary="Models served (DuoServe extension)")
+async def list_models(request: Request) -> Response:
+    dataplane = gateway_of(request).dataplane
+    return json_response(
+        {"models": [{"name": n, "frameworks": m.frameworks} for n, m in dataplane.models.items()]}
+    )
+
+
+async def _metadata(request: Request, model: str, version: str | None) -> Response:
+    dataplane = gateway_of(request).dataplane
+    router_ = dataplane.model(model)
+    meta = model_metadata(model, router_.config, router_.frameworks)
+    if version is not None and meta["versions"] and version not in meta["versions"]:
+        raise NotFound(
+            f"model '{model}' has no version '{version}' (declared: {', '.join(meta['versions'])})"
+        )
+    return json_response(meta)
+
+
+@router.get("/v2/models/{model}", summary="Model metadata")
+async def metadata(request: Request, model: str) -> Response:
+    return await _metadata(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+async def version_metadata(request: Request, model: str, version: str) -> Response:
+    return await _metadata(request, model, version)
+
+
+async def _model_ready(request: Request, model: str, version: str | None) -> Response:
+    is_ready = await gateway_of(request).dataplane.model_ready(model, version)
+    return json_response(
+        {"name": model, "ready": is_ready}, status=200 if is_ready else 503
+    )
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness")
+async def model_ready(request: Request, model: str) -> Response:
+    return await _model_ready(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(request: Request, model: str, version: str) -> Response:
+    return await _model_ready(request, model, version)
+
+
+def _timeout_parameter(request: InferenceRequest, ctx: CallContext) -> CallContext:
+    """Triton's request parameter ``timeout`` (microseconds) lowers the deadline too."""
+    value = request.parameters.get("timeout")
+    if value is None:
+        return ctx
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
+    ms = value / 1000
+    ctx.timeout_ms = ms if ctx.timeout_ms is None else min(ms, ctx.timeout_ms)
+    return ctx
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    header_length = request.headers.get(HEADER_LENGTH)
+
+    async def handle(
+        gateway: Gateway, body: bytes, ctx: CallContext
+    ) -> tuple[Served, bytes, dict[str, str]]:
+        router_ = gateway.dataplane.model(model)
+        decoded = decode_v2_request(body, model, version, router_.config, header_length)
+        served = await gateway.dataplane.infer(model, decoded, _timeout_parameter(decoded, ctx))
+        payload, headers = encode_v2_response(served.response, decoded, model)
+        return served, payload, headers
+
+    return await serve_inference(request, "v2", model, handle, accepted_types=BINARY_TYPES)
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                    "data": {},
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=INFER_BODY)
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post(
+    "/v2/models/{model}/versions/{version}/infer",
+    summary="Inference on a version",
+    openapi_extra=INFER_BODY,
+)
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)
+
+
+@router.post(
+    "/v2/models/{model}/compare",
+    summary="Run one request on every route and compare the frameworks (DuoServe extension)",
+    openapi_extra=INFER_BODY,
+)
+async def compare(request: Request, model: str) -> Response:
+    gateway = gateway_of(request)
+    check_content_type(request, (JSON,))
+    body = await read_body(request, gateway.max_body_bytes)
+    decoded = decode_v2_request(body, model, None, gateway.dataplane.model(model).config)
+    report = await gateway.dataplane.compare(model, decoded, call_context(request, "v2"))
+    for entry in report["results"]:
+        response = entry.pop("response", None)
+        if response is not None:
+            entry["outputs"] = [
+                {
+                    "name": t.name,
+                    "datatype": t.datatype,
+                    "shape": t.shape,
+                    "data": array_to_json(t.data),
+                }
+                for t, _ in select_outputs(response, decoded)
+            ]
+    return json_response(report, headers={"x-request-id": request_id(request)})

@@ -1,0 +1,166 @@
+"""Deadlines, concurrency limits, retry budget, circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+from duoserve.errors import Overloaded, UpstreamTimeout
+
+
+class Deadline:
+    """An absolute point in monotonic time by which a request must be answered."""
+
+    __slots__ = ("expires_at", "budget_s")
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.expires_at = time.monotonic() + budget_s
+
+    def remaining(self) -> float:
+        """Seconds left; never negative."""
+        return max(0.0, self.expires_at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_at
+
+    def check(self, what: str = "the request") -> float:
+        """Seconds left, or UpstreamTimeout when none are."""
+        left = self.expires_at - time.monotonic()
+        if left <= 0:
+            raise UpstreamTimeout(
+                f"{what} ran past its deadline of {self.budget_s * 1000:.0f} ms"
+            )
+        return left
+
+
+class ConcurrencyLimiter:
+    """At most ``limit`` holders at once, ``max_queue`` more waiting; beyond that, shed at once.
+
+    A waiter gives up after ``max_wait_s`` (or its deadline) with 503 rather than wait until it
+    times out: an overloaded backend is answered for in milliseconds, not seconds.
+    """
+
+    def __init__(self, what: str, limit: int, max_queue: int, max_wait_s: float = 1.0) -> None:
+        self.what = what
+        self.limit = limit
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, deadline: Deadline) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise Overloaded(f"{self.what} is at its concurrency limit; retry shortly")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await asyncio.wait_for(future, min(self.max_wait_s, deadline.remaining()))
+        except TimeoutError:
+            raise Overloaded(
+                f"{self.what} stayed at its concurrency limit; retry shortly"
+            ) from None
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # the slot was handed over as we gave up: pass it on
+            raise
+        finally:
+            if future in self._waiters:
+                self._waiters.remove(future)
+
+    def release(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # hand the slot straight to the next waiter
+                return
+        self.active -= 1
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; after ``reset_s`` lets one probe through
+    (half-open); closes on its success, opens again on its failure."""
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        reset_s: float = 2.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self.state = "closed"
+        self.failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self._on_change = on_change
+
+    def _set(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_change is not None:
+                self._on_change(state)
+
+    def allow(self) -> bool:
+        """Whether a call may go ahead now (and, half-open, claims the probe)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            if time.monotonic() - self._opened_at < self.reset_s:
+                return False
+            self._set("half_open")
+            self._probing = False
+        if self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def retry_after_s(self) -> float:
+        return max(0.0, self.reset_s - (time.monotonic() - self._opened_at))
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self._probing = False
+        self._set("closed")
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.state == "half_open" or self.failures >= self.threshold:
+            self._opened_at = time.monotonic()
+            self._set("open")
+
+    def record_neutral(self) -> None:
+        """The call ended in a way that says nothing about health (a client error)."""
+        self._probing = False
+        if self.state == "half_open":
+            self._set("closed")
+
+
+class RetryBudget:
+    """Retries allowed while they stay under ``ratio`` of active requests (at least ``minimum``),
+    so a failing backend is not hammered with a multiple of its load."""
+
+    def __init__(self, ratio: float = 0.2, minimum: int = 3) -> None:
+        self.ratio = ratio
+        self.minimum = minimum
+        self.active = 0
+        self.retrying = 0
+
+    def can_retry(self) -> bool:
+        return self.retrying < max(self.minimum, self.ratio * self.active)
+
+
+def backoff_s(attempt: int, base_s: float = 0.01, cap_s: float = 0.2) -> float:
+    """Full-jitter exponential backoff."""
+    return random.uniform(0, min(cap_s, base_s * 2**attempt))

@@ -1,0 +1,39 @@
+"""Process settings, from the environment (prefix DUOSERVE_) or arguments."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """How one gateway process runs. Models and backends live in models.yaml (``config``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DUOSERVE_", extra="ignore")
+
+    config: str = "models.yaml"
+    """Path of models.yaml."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on."""
+    workers: int = Field(1, ge=1, le=64)
+    """uvicorn worker processes."""
+    server_name: str = "duoserve"
+    """Name reported by GET /v2."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    """Largest request body accepted, after decompression; larger ones get 413."""
+    default_timeout_ms: int = Field(5000, gt=0)
+    """Deadline of a request when neither the model nor the backend sets one."""
+    api_keys_file: str | None = None
+    """File of hashed API keys; unset means no authentication (the laptop default)."""
+    open_health: bool = True
+    """Health endpoints answer without an API key (probes)."""
+    open_metrics: bool = True
+    """/metrics answers without an API key (scrapers)."""
+    backend_probe_interval_s: float = Field(5.0, gt=0)
+    """How often backend readiness (duoserve_backend_up) is refreshed."""
+    drain_grace_s: float = Field(20.0, ge=0)
+    """On SIGTERM: how long in-flight requests may take to finish."""
+    log_level: str = "info"
+    """uvicorn log level."""
