@@ -22,7 +22,7 @@ from duoserve.backends.base import Backend
 from duoserve.config import GatewayConfig, load_config
 from duoserve.dataplane import DataPlane
 from duoserve.errors import DuoServeError
-from duoserve.frontends import v2
+from duoserve.frontends import tfserving, torchserve, v2
 from duoserve.frontends.http import JSON, Gateway, error_json, torchserve_error_json
 from duoserve.metrics import Metrics
 from duoserve.settings import Settings
@@ -85,9 +85,7 @@ async def _probe_backends(dataplane: DataPlane, metrics: Metrics, interval_s: fl
 
 
 def _error_response(request: Request, error: DuoServeError) -> Response:
-    render = (
-        torchserve_error_json if request.url.path.startswith(TORCHSERVE_PATHS) else error_json
-    )
+    render = torchserve_error_json if request.url.path.startswith(TORCHSERVE_PATHS) else error_json
     return Response(render(error), status_code=error.status, headers=error.headers, media_type=JSON)
 
 
@@ -168,4 +166,6 @@ def create_app(
         return Response(encoder(registry), headers={"content-type": content_type})
 
     app.include_router(v2.router)
+    app.include_router(tfserving.router)
+    app.include_router(torchserve.router)
     return app

@@ -32,7 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(
         "duoserve.app:create_app",
         factory=True,
@@ -76,7 +78,9 @@ def _models(args: argparse.Namespace) -> int:
             f"{r.framework}@{r.backend}" + (f" w={r.weight:g}" if len(model.routes) > 1 else "")
             for r in model.routes
         )
-        shadow = f"  shadow: {model.shadow.framework}@{model.shadow.backend}" if model.shadow else ""
+        shadow = (
+            f"  shadow: {model.shadow.framework}@{model.shadow.backend}" if model.shadow else ""
+        )
         print(f"{name}: {routes}{shadow}")
     return 0
 
@@ -126,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a models.yaml")
-    check.add_argument("config", nargs="?", default=os.environ.get("DUOSERVE_CONFIG", "models.yaml"))
+    check.add_argument(
+        "config", nargs="?", default=os.environ.get("DUOSERVE_CONFIG", "models.yaml")
+    )
     check.set_defaults(run=_config_check)
 
     models = commands.add_parser("models", help="list the models and routes of a models.yaml")
-    models.add_argument("config", nargs="?", default=os.environ.get("DUOSERVE_CONFIG", "models.yaml"))
+    models.add_argument(
+        "config", nargs="?", default=os.environ.get("DUOSERVE_CONFIG", "models.yaml")
+    )
     models.set_defaults(run=_models)
 
     compare = commands.add_parser("compare", help="run a V2 payload on every framework of a model")
@@ -139,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--url", default="http://127.0.0.1:8000")
     compare.set_defaults(run=_compare)
 
-    bench = commands.add_parser("bench", help="load generator; `duoserve bench --help`", add_help=False)
+    bench = commands.add_parser(
+        "bench", help="load generator; `duoserve bench --help`", add_help=False
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
     return parser

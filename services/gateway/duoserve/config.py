@@ -153,6 +153,11 @@ class ModelConfig(_Strict):
     """Largest first dimension a request may have; bounds JSON parsing before any tensor exists."""
     platform: str | None = None
     """Free text reported in V2 model metadata; defaults to the frameworks served."""
+    version: str = Field("1", pattern=r"^\d+$")
+    """The version number clients see in metadata and TF Serving status answers."""
+    version_labels: dict[str, str] = Field(default_factory=dict)
+    """TF Serving version labels (e.g. stable: "1") resolved at the gateway; a label not listed
+    here is passed on as a label (only TF Serving backends know labels)."""
 
     @model_validator(mode="after")
     def _routes_make_sense(self) -> ModelConfig:

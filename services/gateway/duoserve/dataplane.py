@@ -107,7 +107,9 @@ class DataPlane:
             )
             metrics.set_circuit(name, "closed")
         self.model_limiters = {
-            name: ConcurrencyLimiter(f"model '{name}'", model.max_concurrency, model.max_concurrency)
+            name: ConcurrencyLimiter(
+                f"model '{name}'", model.max_concurrency, model.max_concurrency
+            )
             for name, model in config.models.items()
             if model.max_concurrency
         }
@@ -281,7 +283,9 @@ class DataPlane:
         try:
             shadow = await self.call_route(model.name, route, request, deadline)
         except DuoServeError as error:
-            self.metrics.shadow_requests.labels(model.name, route.framework, str(error.status)).inc()
+            self.metrics.shadow_requests.labels(
+                model.name, route.framework, str(error.status)
+            ).inc()
             return
         except Exception:  # noqa: BLE001 - a shadow must never take the gateway down
             log.exception("shadow call of model %s failed", model.name)

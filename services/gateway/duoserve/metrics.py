@@ -11,8 +11,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # 0.5 ms .. 10 s: millisecond inference and the gateway's own sub-millisecond overhead.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
-    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
@@ -85,7 +100,7 @@ class Metrics:
         )
         self.backend_errors = Counter(
             "duoserve_backend_errors",
-            "Failed backend calls by reason (timeout, backend_down, overloaded, backend_error, ...).",
+            "Failed backend calls by reason (timeout, backend_down, overloaded, ...).",
             ["backend", "framework", "reason"],
             registry=registry,
         )
@@ -103,7 +118,7 @@ class Metrics:
         )
         self.failovers = Counter(
             "duoserve_failovers",
-            "Requests served by another route after their first route failed (framework: who served).",
+            "Requests served by another route after the first failed; framework: who served.",
             ["model", "framework"],
             registry=registry,
         )

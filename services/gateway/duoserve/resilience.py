@@ -31,9 +31,7 @@ class Deadline:
         """Seconds left, or UpstreamTimeout when none are."""
         left = self.expires_at - time.monotonic()
         if left <= 0:
-            raise UpstreamTimeout(
-                f"{what} ran past its deadline of {self.budget_s * 1000:.0f} ms"
-            )
+            raise UpstreamTimeout(f"{what} ran past its deadline of {self.budget_s * 1000:.0f} ms")
         return left
 
 

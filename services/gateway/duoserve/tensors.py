@@ -8,6 +8,7 @@ decode into these types; backends encode from them. BYTES tensors are numpy obje
 from __future__ import annotations
 
 import base64
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,3 +237,32 @@ def array_to_json(array: np.ndarray) -> Any:
             for v in array.ravel()
         ]
     return array.ravel().tolist()
+
+
+def split_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
+    """BYTES in the binary extension: each element a 4-byte little-endian length, then bytes."""
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input '{name}': binary BYTES data ends early")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadRequest(f"input '{name}': binary BYTES element overruns its data")
+        out[i] = bytes(raw[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise BadRequest(f"input '{name}': binary BYTES data has {len(raw) - offset} extra bytes")
+    return out
+
+
+def binary_bytes(array: np.ndarray) -> bytes:
+    if array.dtype.kind in ("O", "S", "U"):
+        parts = []
+        for value in array.ravel():
+            data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

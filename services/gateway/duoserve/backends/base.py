@@ -25,7 +25,7 @@ class Backend(ABC):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook, most backends need none
         """Open pools, load models. Called once when the app starts."""
 
     @abstractmethod
@@ -44,5 +44,5 @@ class Backend(ABC):
         """The backend's own description of the model (free-form), for diagnostics."""
         return {}
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads and models."""

@@ -255,7 +255,10 @@ class EmbeddedBackend(Backend):
                 log.warning(
                     "embedded backend %s: no %s artifacts for model '%s' under %s "
                     "(run `make models`)",
-                    self.name, slot.framework, slot.model, self.store,
+                    self.name,
+                    slot.framework,
+                    slot.model,
+                    self.store,
                 )
                 continue
             for version in versions:
@@ -264,7 +267,10 @@ class EmbeddedBackend(Backend):
                 )
                 log.info(
                     "embedded backend %s: loaded %s model '%s' version %s on %s",
-                    self.name, slot.framework, slot.model, version,
+                    self.name,
+                    slot.framework,
+                    slot.model,
+                    version,
                     slot.versions[version].device,
                 )
 
@@ -300,13 +306,17 @@ class EmbeddedBackend(Backend):
 
         loop = asyncio.get_running_loop()
         try:
-            if self.config.max_batch_size > 1 and len(inputs) == 1 and signature_name == (
-                "serving_default"
+            if (
+                self.config.max_batch_size > 1
+                and len(inputs) == 1
+                and signature_name == ("serving_default")
             ):
                 batcher = slot.batchers.get(version)
                 if batcher is None:
                     batcher = slot.batchers[version] = MicroBatcher(
-                        run, self._executor, self.config.max_batch_size,
+                        run,
+                        self._executor,
+                        self.config.max_batch_size,
                         self.config.max_batch_delay_ms / 1000,
                     )
                 future = batcher.submit(inputs)

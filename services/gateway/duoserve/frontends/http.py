@@ -41,7 +41,9 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
-def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    content: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(orjson.dumps(content), status_code=status, headers=headers, media_type=JSON)
 
 
@@ -137,7 +139,9 @@ async def serve_inference(
     request: Request,
     protocol: str,
     model_name: str,
-    handle: Callable[[Gateway, bytes, CallContext], Awaitable[tuple[Served, bytes, dict[str, str]]]],
+    handle: Callable[
+        [Gateway, bytes, CallContext], Awaitable[tuple[Served, bytes, dict[str, str]]]
+    ],
     render_error: Callable[[DuoServeError], bytes] = error_json,
     accepted_types: tuple[str, ...] = (JSON,),
 ) -> Response:
@@ -158,7 +162,9 @@ async def serve_inference(
         check_content_type(request, accepted_types)
         body = await read_body(request, gateway.max_body_bytes)
         metrics.request_size.labels(protocol).observe(len(body))
-        served, payload, extra_headers = await handle(gateway, body, call_context(request, protocol))
+        served, payload, extra_headers = await handle(
+            gateway, body, call_context(request, protocol)
+        )
     except DuoServeError as error:
         status = error.status
         payload = render_error(error)

@@ -8,7 +8,6 @@ validation); every input is bounded by the model's declared shape before any arr
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,9 @@ from duoserve.tensors import (
     Tensor,
     array_from_json,
     array_to_json,
+    binary_bytes,
     numpy_dtype,
+    split_bytes_elements,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -68,24 +69,6 @@ def _shape(value: Any, name: str) -> list[int]:
             f"input '{name}': shape must be a list of at most {MAX_DIMS} non-negative integers"
         )
     return value
-
-
-def _split_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
-    """BYTES in the binary extension: each element a 4-byte little-endian length, then bytes."""
-    out = np.empty(count, dtype=object)
-    offset = 0
-    for i in range(count):
-        if offset + 4 > len(raw):
-            raise BadRequest(f"input '{name}': binary BYTES data ends early")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise BadRequest(f"input '{name}': binary BYTES element overruns its data")
-        out[i] = bytes(raw[offset : offset + length])
-        offset += length
-    if offset != len(raw):
-        raise BadRequest(f"input '{name}': binary BYTES data has {len(raw) - offset} extra bytes")
-    return out
 
 
 def decode_v2_request(
@@ -152,7 +135,7 @@ def decode_v2_request(
             chunk = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                array = _split_bytes_elements(bytes(chunk), count, name)
+                array = split_bytes_elements(bytes(chunk), count, name)
             else:
                 if size != count * dtype.itemsize:
                     raise BadRequest(
@@ -207,17 +190,6 @@ def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
     return outputs
 
 
-def _binary_bytes(array: np.ndarray) -> bytes:
-    if array.dtype.kind in ("O", "S", "U"):
-        parts = []
-        for value in array.ravel():
-            data = value if isinstance(value, bytes) else str(value).encode("utf-8")
-            parts.append(struct.pack("<I", len(data)))
-            parts.append(data)
-        return b"".join(parts)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
 def select_outputs(
     response: InferenceResponse, request: InferenceRequest
 ) -> list[tuple[Tensor, dict[str, Any]]]:
@@ -247,7 +219,7 @@ def encode_v2_response(
             "shape": tensor.shape,
         }
         if params.get("binary_data", binary_all):
-            blob = _binary_bytes(tensor.data)
+            blob = binary_bytes(tensor.data)
             blobs.append(blob)
             entry["parameters"] = {"binary_data_size": len(blob)}
         elif tensor.datatype == "BYTES":
@@ -347,9 +319,7 @@ async def version_metadata(request: Request, model: str, version: str) -> Respon
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     is_ready = await gateway_of(request).dataplane.model_ready(model, version)
-    return json_response(
-        {"name": model, "ready": is_ready}, status=200 if is_ready else 503
-    )
+    return json_response({"name": model, "ready": is_ready}, status=200 if is_ready else 503)
 
 
 @router.get("/v2/models/{model}/ready", summary="Model readiness")

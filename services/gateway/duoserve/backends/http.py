@@ -1,0 +1,51 @@
+"""The pooled HTTP client the REST backends share, and its failure mapping."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from duoserve.errors import Unavailable, UpstreamError, UpstreamTimeout
+from duoserve.resilience import Deadline
+
+
+def new_session(max_connections: int) -> aiohttp.ClientSession:
+    """One keep-alive pool per backend, sized to its concurrency limit."""
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+    )
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    )
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    deadline: Deadline,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    """(status, body, headers) of one call that must finish before ``deadline``.
+
+    Refused or dropped connections are Unavailable (the backend did not process the call, so it
+    may be retried or failed over); a call past the deadline is UpstreamTimeout. Messages name
+    the backend kind, never its address.
+    """
+    timeout = aiohttp.ClientTimeout(total=deadline.check(f"the {what} call"))
+    try:
+        async with session.request(
+            method, url, data=body, headers=headers, timeout=timeout
+        ) as response:
+            return response.status, await response.read(), dict(response.headers)
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"the {what} backend did not answer within the deadline "
+            f"({deadline.budget_s * 1000:.0f} ms)"
+        ) from None
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
+        raise Unavailable(f"the {what} backend is not reachable", reason="backend_down") from error
+    except aiohttp.ClientError as error:
+        raise UpstreamError(f"the {what} call failed ({type(error).__name__})") from error

@@ -1,0 +1,207 @@
+"""TorchServe's inference API (port 8080) over a pooled keep-alive HTTP client.
+
+Only ``/predictions/{model}[/{version}]`` and ``/ping`` are ever called: never the management
+(8081) or metrics (8082) API. Token auth is on by default in TorchServe >= 0.11.1: the inference
+key comes from TorchServe's ``key_file.json`` (or a file holding only the key) or from an
+environment variable, and is never logged or echoed.
+
+Wire contract with ``services/torchserve/handler.py``: the gateway posts
+``{"inputs": [{"name", "shape", "datatype", "data"}]}`` and gets ``{"outputs": [...]}`` back,
+the Open Inference Protocol's tensor shapes in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import numpy as np
+import orjson
+
+from duoserve.backends.base import Backend
+from duoserve.backends.http import call, new_session
+from duoserve.config import TorchServeBackendConfig
+from duoserve.errors import (
+    BadRequest,
+    DuoServeError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from duoserve.resilience import Deadline
+from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
+
+log = logging.getLogger(__name__)
+
+
+def read_token(token_file: str | None, token_env: str | None) -> str | None:
+    """The inference key: from TorchServe's key_file.json, a plain key file, or the env."""
+    if token_env and os.environ.get(token_env):
+        return os.environ[token_env].strip()
+    if not token_file:
+        return None
+    text = Path(token_file).read_text(encoding="utf-8").strip()
+    if text.startswith("{"):
+        keys = json.loads(text)
+        key = keys.get("inference", {}).get("key")
+        if not isinstance(key, str):
+            raise ValueError(f"{token_file} has no inference key")
+        return key
+    return text
+
+
+def _message(raw: bytes) -> str:
+    """TorchServe's error text, first line only, bounded (no internals beyond that)."""
+    try:
+        doc = orjson.loads(raw)
+        text = str(doc.get("message") or doc.get("error") or "") if isinstance(doc, dict) else ""
+    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8", "replace")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first[:300]
+
+
+class TorchServeBackend(Backend):
+    """PyTorch models on TorchServe."""
+
+    kind = "torchserve"
+
+    def __init__(self, name: str, config: TorchServeBackendConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self.base = config.url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_mtime = 0.0
+
+    def _auth(self) -> dict[str, str]:
+        # Re-read the key when TorchServe rewrote key_file.json (it does on every start).
+        path = self.config.token_file
+        if path:
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                mtime = -1.0
+            if mtime != self._token_mtime:
+                self._token_mtime = mtime
+                try:
+                    self._token = read_token(path, self.config.token_env)
+                except (OSError, ValueError) as error:
+                    log.warning("backend %s: cannot read its token file: %s", self.name, error)
+                    self._token = None
+        elif self._token is None:
+            self._token = read_token(None, self.config.token_env)
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self.config.max_concurrency)
+        return self._session
+
+    async def start(self) -> None:
+        self._client()
+
+    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": t.name,
+                        "shape": t.shape,
+                        "datatype": t.datatype,
+                        "data": np.ascontiguousarray(t.data.ravel()),
+                    }
+                    for t in request.inputs
+                ]
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        path = f"/predictions/{quote(request.model, safe='')}"
+        if request.version:
+            path += f"/{quote(request.version, safe='')}"
+        headers = {"Content-Type": "application/json", **self._auth()}
+        status, raw, _ = await call(
+            self._client(),
+            "POST",
+            self.base + path,
+            what="TorchServe",
+            deadline=deadline,
+            body=body,
+            headers=headers,
+        )
+        if status != 200:
+            raise self._status_error(status, raw, request)
+        return self._decode(raw, request)
+
+    def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
+        message = _message(raw)
+        what = f"model '{request.model}'" + (
+            f" version '{request.version}'" if request.version else ""
+        )
+        if status == 400:
+            return BadRequest(message or f"TorchServe rejected the input of {what}")
+        if status == 404:
+            return NotFound(f"{what} is not registered on the TorchServe backend")
+        if status == 413:
+            return PayloadTooLarge("the request is larger than TorchServe's max_request_size")
+        if status == 503:
+            # No worker free and the job queue full: not processed, safe to retry elsewhere.
+            return Overloaded(f"TorchServe is at capacity for {what}; retry shortly")
+        if status in (401, 403):
+            log.error("backend %s refused the gateway's token (HTTP %s)", self.name, status)
+            return UpstreamError("the TorchServe backend refused the gateway's credentials")
+        if status == 408 or status == 504:
+            return UpstreamTimeout(f"TorchServe timed out running {what}")
+        if status == 507:
+            return UpstreamError(f"TorchServe's worker for {what} failed (out of memory?)")
+        return UpstreamError(f"TorchServe failed running {what} (HTTP {status})")
+
+    def _decode(self, raw: bytes, request: InferenceRequest) -> InferenceResponse:
+        try:
+            doc = orjson.loads(raw)
+            outputs = [
+                Tensor(
+                    o["name"],
+                    np.asarray(o["data"], dtype=numpy_dtype(o["datatype"])).reshape(o["shape"]),
+                    o["datatype"],
+                )
+                for o in doc["outputs"]
+            ]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DuoServeError) as error:
+            log.warning("backend %s: unexpected TorchServe answer: %r", self.name, error)
+            raise UpstreamError(
+                "TorchServe answered in a format the gateway does not understand; "
+                "is the model archived with services/torchserve/handler.py?"
+            ) from None
+        return InferenceResponse(
+            model_name=request.model,
+            model_version=request.version,
+            outputs=outputs,
+            id=request.id,
+        )
+
+    async def ready(
+        self, model: str, version: str | None = None, *, framework: str | None = None
+    ) -> bool:
+        """/ping is Healthy only while every registered model has its minimum workers."""
+        try:
+            async with self._client().get(
+                self.base + "/ping", timeout=aiohttp.ClientTimeout(total=2)
+            ) as response:
+                if response.status != 200:
+                    return False
+                doc: Any = orjson.loads(await response.read())
+                return isinstance(doc, dict) and doc.get("status") == "Healthy"
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

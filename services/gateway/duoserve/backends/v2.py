@@ -1,0 +1,196 @@
+"""Any Open Inference Protocol (KServe V2) server as a route target: Triton, MLServer,
+KServe runtimes, or another DuoServe. Tensors travel with the binary tensor extension
+(``Inference-Header-Content-Length``) both ways, so no tensor data is turned into JSON text."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import numpy as np
+import orjson
+
+from duoserve.backends.base import Backend
+from duoserve.backends.http import call, new_session
+from duoserve.config import V2BackendConfig
+from duoserve.errors import (
+    BadRequest,
+    DuoServeError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from duoserve.resilience import Deadline
+from duoserve.tensors import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    binary_bytes,
+    numpy_dtype,
+    split_bytes_elements,
+)
+
+log = logging.getLogger(__name__)
+
+
+class V2Backend(Backend):
+    """Calls ``POST /v2/models/{m}[/versions/{v}]/infer`` on an Open Inference Protocol server."""
+
+    kind = "v2"
+
+    def __init__(self, name: str, config: V2BackendConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self.base = config.url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self.config.max_concurrency)
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        token = os.environ.get(self.config.token_env) if self.config.token_env else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _path(self, model: str, version: str | None) -> str:
+        path = f"{self.base}/v2/models/{quote(model, safe='')}"
+        return path + (f"/versions/{quote(version, safe='')}" if version else "")
+
+    async def start(self) -> None:
+        self._client()
+
+    def encode(self, request: InferenceRequest) -> tuple[bytes, int]:
+        """JSON header + binary tensors, and the header's length."""
+        blobs = [binary_bytes(t.data) for t in request.inputs]
+        doc: dict[str, Any] = {
+            "inputs": [
+                {
+                    "name": t.name,
+                    "shape": t.shape,
+                    "datatype": t.datatype,
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+                for t, blob in zip(request.inputs, blobs, strict=True)
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+        if request.id is not None:
+            doc["id"] = request.id
+        if request.outputs:
+            doc["outputs"] = [
+                {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
+            ]
+        header = orjson.dumps(doc)
+        return b"".join([header, *blobs]), len(header)
+
+    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+        body, header_length = self.encode(request)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(header_length),
+            **self._headers(),
+        }
+        status, raw, answer_headers = await call(
+            self._client(),
+            "POST",
+            self._path(request.model, request.version) + "/infer",
+            what="Open Inference Protocol",
+            deadline=deadline,
+            body=body,
+            headers=headers,
+        )
+        if status != 200:
+            raise self._status_error(status, raw, request)
+        return self._decode(raw, answer_headers.get("Inference-Header-Content-Length"), request)
+
+    def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
+        try:
+            message = str(orjson.loads(raw).get("error", ""))[:300]
+        except (orjson.JSONDecodeError, AttributeError):
+            message = ""
+        what = f"model '{request.model}'"
+        if status == 400:
+            return BadRequest(message or f"the V2 server rejected the input of {what}")
+        if status == 404:
+            return NotFound(f"{what} is not available on the V2 backend")
+        if status == 413:
+            return PayloadTooLarge("the request is larger than the V2 server accepts")
+        if status in (429, 503):
+            return Overloaded(f"the V2 server is at capacity for {what}; retry shortly")
+        if status == 504:
+            return UpstreamTimeout(f"the V2 server timed out running {what}")
+        return UpstreamError(f"the V2 server failed running {what} (HTTP {status})")
+
+    def _decode(
+        self, raw: bytes, header_length: str | None, request: InferenceRequest
+    ) -> InferenceResponse:
+        try:
+            split = int(header_length) if header_length else len(raw)
+            doc = orjson.loads(raw[:split])
+            rest = memoryview(raw)[split:]
+            outputs = []
+            offset = 0
+            for item in doc["outputs"]:
+                dtype = numpy_dtype(item["datatype"])
+                shape = item["shape"]
+                size = (item.get("parameters") or {}).get("binary_data_size")
+                if size is not None:
+                    chunk = rest[offset : offset + size]
+                    offset += size
+                    if item["datatype"] == "BYTES":
+                        count = int(np.prod(shape)) if shape else 1
+                        array = split_bytes_elements(bytes(chunk), count, item["name"])
+                    else:
+                        array = np.frombuffer(chunk, dtype=dtype)
+                else:
+                    array = np.asarray(item["data"], dtype=dtype)
+                outputs.append(Tensor(item["name"], array.reshape(shape), item["datatype"]))
+        except (KeyError, TypeError, ValueError, DuoServeError) as error:
+            log.warning("backend %s: unexpected V2 answer: %r", self.name, error)
+            raise UpstreamError(
+                "the V2 server answered in a format the gateway does not understand"
+            ) from None
+        return InferenceResponse(
+            model_name=request.model,
+            model_version=doc.get("model_version"),
+            outputs=outputs,
+            id=request.id,
+            parameters={},
+        )
+
+    async def ready(
+        self, model: str, version: str | None = None, *, framework: str | None = None
+    ) -> bool:
+        try:
+            async with self._client().get(
+                self._path(model, version) + "/ready",
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        try:
+            async with self._client().get(
+                self._path(model, version),
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as response:
+                if response.status != 200:
+                    return {}
+                doc: dict[str, Any] = orjson.loads(await response.read())
+                return doc
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return {}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
