@@ -142,6 +142,10 @@ class TorchServeBackend(Backend):
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
         message = _message(raw)
+        if status in (400, 401, 403) and b"InvalidKeyException" in raw:
+            # TorchServe answers a missing or stale key with 400; it is the gateway's fault.
+            log.error("backend %s refused the gateway's token (HTTP %s)", self.name, status)
+            return UpstreamError("the TorchServe backend refused the gateway's credentials")
         what = f"model '{request.model}'" + (
             f" version '{request.version}'" if request.version else ""
         )
@@ -190,10 +194,11 @@ class TorchServeBackend(Backend):
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
-        """/ping is Healthy only while every registered model has its minimum workers."""
+        """/ping is Healthy only while every registered model has its minimum workers.
+        (TorchServe 0.12 wants the inference key on /ping too.)"""
         try:
             async with self._client().get(
-                self.base + "/ping", timeout=aiohttp.ClientTimeout(total=2)
+                self.base + "/ping", headers=self._auth(), timeout=aiohttp.ClientTimeout(total=2)
             ) as response:
                 if response.status != 200:
                     return False

@@ -1,0 +1,135 @@
+"""Shared fixtures: the built model store, in-process gateways, and real servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from duoserve.app import create_app
+from duoserve.config import GatewayConfig, parse_config
+from duoserve.settings import Settings
+from tests.servers import REPO, TorchServe
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+STORE = REPO / "models" / "store"
+DIGITS_IO = {
+    "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}],
+    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+}
+
+
+@pytest.fixture(scope="session")
+def model_store() -> Path:
+    """models/store with the digits twins, built (incrementally) if needed."""
+    from models.build import build
+
+    build(STORE, ["digits"])
+    return STORE
+
+
+@pytest.fixture(scope="session")
+def digits_samples() -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits images [n, 8, 8] (0..16) and labels, as the model builder splits them."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = data.images.astype(np.float32)
+    _, x_test, _, y_test = train_test_split(
+        images, data.target, test_size=0.25, random_state=0, stratify=data.target
+    )
+    return x_test, y_test
+
+
+def v2_body(images: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """A V2 infer request for a batch of digits images."""
+    return {
+        "inputs": [
+            {
+                "name": "pixels",
+                "shape": list(images.shape),
+                "datatype": "FP32",
+                "data": images.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
+
+
+def digits_model(routes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {**DIGITS_IO, "routes": routes, **extra}
+
+
+def embedded_config(**models: dict[str, Any]) -> dict[str, Any]:
+    """A config over the embedded backend; default models like `make run`'s."""
+    if not models:
+        models = {
+            "digits": digits_model(
+                [
+                    {"backend": "local", "framework": "pytorch", "model": "digits", "weight": 1},
+                    {"backend": "local", "framework": "tensorflow", "model": "digits", "weight": 1},
+                ],
+                failover=True,
+            ),
+            "digits-pytorch": digits_model(
+                [{"backend": "local", "framework": "pytorch", "model": "digits"}]
+            ),
+            "digits-tensorflow": digits_model(
+                [{"backend": "local", "framework": "tensorflow", "model": "digits"}]
+            ),
+        }
+    return {
+        "backends": {"local": {"kind": "embedded", "model_store": str(STORE)}},
+        "models": models,
+    }
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def gateway(model_store: Path) -> GatewayFactory:
+    """Build an in-process gateway: ``async with gateway(config_dict) as (client, app):``."""
+
+    @asynccontextmanager
+    async def make(
+        config: dict[str, Any] | GatewayConfig | None = None, **settings: Any
+    ) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+        parsed = (
+            config
+            if isinstance(config, GatewayConfig)
+            else parse_config(config or embedded_config())
+        )
+        app = create_app(
+            Settings(config=str(REPO / "models.yaml"), **settings),
+            config=parsed,
+            registry=CollectorRegistry(),
+        )
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+                yield client, app
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    """A real TorchServe (token auth on) serving digits.mar on 127.0.0.1."""
+    server = TorchServe(
+        tmp_path_factory.mktemp("torchserve"), model_store / "torchserve", {"digits": {}}
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
