@@ -133,3 +133,29 @@ def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tfserving(model_store: Path) -> Iterator[Any]:
+    """The TF Serving stand-in (REST + gRPC, official protos) serving the digits SavedModel."""
+    from tests.tfserving_standin.fixture import start_standin
+
+    handle = start_standin(model_base_path=model_store / "tensorflow" / "digits")
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def v2_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Open Inference Protocol server on a socket: a DuoServe gateway with `make run`'s
+    models.yaml (the V2 backend kind is tested against it; Triton does not run here)."""
+    from tests.servers import Gateway
+
+    server = Gateway(REPO / "models.yaml", tmp_path_factory.mktemp("v2-server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -184,10 +184,12 @@ class DataPlane:
         for index, route in enumerate(plan):
             try:
                 served = await self.call_route(model.name, route, request, deadline)
-            except NOT_PROCESSED as error:
-                last_error = error
-                if index + 1 < len(plan) and not deadline.expired():
-                    continue
+            except DuoServeError as error:
+                error.route = route  # who failed, for the metrics' framework and backend labels
+                if isinstance(error, NOT_PROCESSED) and index + 1 < len(plan):
+                    if not deadline.expired():
+                        last_error = error
+                        continue
                 raise
             if index > 0:
                 self.metrics.failovers.labels(model.name, route.framework).inc()

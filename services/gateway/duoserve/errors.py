@@ -6,6 +6,8 @@ internal addresses or backend internals: backends raise these with sanitised tex
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DuoServeError(Exception):
     """Base of every error the gateway answers with; ``status`` is the HTTP status."""
@@ -17,6 +19,8 @@ class DuoServeError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.route: Any = None
+        """The route that failed, when a backend call did (set by the data plane)."""
 
 
 class BadRequest(DuoServeError):

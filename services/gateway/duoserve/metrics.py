@@ -55,7 +55,7 @@ class Metrics:
         )
         self.backend_duration = Histogram(
             "duoserve_backend_request_duration_seconds",
-            "Time spent waiting on the backend for one call.",
+            "Time spent waiting on the backend for one successful call.",
             ["model", "framework", "backend"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

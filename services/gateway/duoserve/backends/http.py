@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import aiohttp
 
 from duoserve.errors import Unavailable, UpstreamError, UpstreamTimeout
@@ -27,7 +29,7 @@ async def call(
     deadline: Deadline,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[int, bytes, dict[str, str]]:
+) -> tuple[int, bytes, Mapping[str, str]]:
     """(status, body, headers) of one call that must finish before ``deadline``.
 
     Refused or dropped connections are Unavailable (the backend did not process the call, so it
@@ -39,7 +41,7 @@ async def call(
         async with session.request(
             method, url, data=body, headers=headers, timeout=timeout
         ) as response:
-            return response.status, await response.read(), dict(response.headers)
+            return response.status, await response.read(), response.headers.copy()
     except TimeoutError:
         raise UpstreamTimeout(
             f"the {what} backend did not answer within the deadline "

@@ -167,6 +167,8 @@ async def serve_inference(
         )
     except DuoServeError as error:
         status = error.status
+        if error.route is not None:
+            framework, backend = error.route.framework, error.route.backend_name
         payload = render_error(error)
         headers = {"x-request-id": rid, **error.headers}
         response = Response(payload, status_code=status, headers=headers, media_type=JSON)

@@ -1,0 +1,59 @@
+# Deployment targets: container images, docker compose, Kubernetes (kustomize).
+# Included from the Makefile. Variables can be overridden: make k8s-render OVERLAY=gpu
+DEPLOY_VERSION ?= 0.1.0
+IMAGE_PREFIX ?= duoserve
+OVERLAY ?= cpu
+COMPOSE ?= docker compose
+COMPOSE_GPU = $(COMPOSE) -f docker-compose.yml -f docker-compose.gpu.yml
+KUBECTL ?= kubectl
+DEPLOY_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+# The backends take the model files from the model-builder image as a named build context.
+MODEL_STORE_CONTEXT = --build-context model-store=docker-image://$(IMAGE_PREFIX)/model-store:$(DEPLOY_VERSION)
+
+.PHONY: images images-gpu up up-gpu down k8s-render k8s-apply k8s-check k8s-generate
+
+images: ## Build the model store, the gateway and the CPU backend images
+	docker build -f models/Dockerfile --target store -t $(IMAGE_PREFIX)/model-store:$(DEPLOY_VERSION) .
+	docker build -f services/gateway/Dockerfile --build-arg VERSION=$(DEPLOY_VERSION) \
+		-t $(IMAGE_PREFIX)/gateway:$(DEPLOY_VERSION) .
+	docker build -f services/torchserve/Dockerfile $(MODEL_STORE_CONTEXT) \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TORCHSERVE_TAG=0.12.0-cpu \
+		-t $(IMAGE_PREFIX)/torchserve:$(DEPLOY_VERSION)-cpu .
+	docker build -f services/tfserving/Dockerfile $(MODEL_STORE_CONTEXT) \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TF_SERVING_TAG=2.21.0 \
+		-t $(IMAGE_PREFIX)/tfserving:$(DEPLOY_VERSION)-cpu .
+
+images-gpu: images ## Also build the -gpu backend images
+	docker build -f services/torchserve/Dockerfile $(MODEL_STORE_CONTEXT) \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TORCHSERVE_TAG=0.12.0-gpu \
+		-t $(IMAGE_PREFIX)/torchserve:$(DEPLOY_VERSION)-gpu .
+	docker build -f services/tfserving/Dockerfile $(MODEL_STORE_CONTEXT) \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TF_SERVING_TAG=2.21.0-gpu \
+		-t $(IMAGE_PREFIX)/tfserving:$(DEPLOY_VERSION)-gpu .
+
+up: ## Build and start the CPU stack (needs GRAFANA_ADMIN_PASSWORD and DUOSERVE_API_KEYS_PATH)
+	$(COMPOSE) up -d --build
+	@echo "gateway http://127.0.0.1:8000  prometheus http://127.0.0.1:9090  grafana http://127.0.0.1:3000"
+
+up-gpu: ## Same with GPU backends and the DCGM exporter (NVIDIA Container Toolkit)
+	$(COMPOSE_GPU) up -d --build
+	@echo "gateway http://127.0.0.1:8000  prometheus http://127.0.0.1:9090  grafana http://127.0.0.1:3000"
+
+# Compose interpolates the whole file even to stop it: placeholders stand in for the required
+# variables, which `down` never uses.
+down: ## Stop and remove the stack's containers (CPU or GPU); volumes are kept
+	GRAFANA_ADMIN_PASSWORD="$${GRAFANA_ADMIN_PASSWORD:-unused}" \
+	DUOSERVE_API_KEYS_PATH="$${DUOSERVE_API_KEYS_PATH:-/dev/null}" \
+		$(COMPOSE_GPU) down --remove-orphans
+
+k8s-render: ## Print the manifests of k8s/overlays/$(OVERLAY)
+	$(KUBECTL) kustomize k8s/overlays/$(OVERLAY)
+
+k8s-apply: ## kubectl apply -k k8s/overlays/$(OVERLAY) (create Secret duoserve-api-keys first)
+	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
+
+k8s-check: ## Offline checks: render, schema-validate (1.30, 1.32) and policy-check every overlay
+	$(DEPLOY_PYTHON) -m pytest -q tests/deploy
+
+k8s-generate: ## Regenerate k8s/components/monitoring from deploy/prometheus and deploy/grafana
+	$(DEPLOY_PYTHON) k8s/components/monitoring/generate.py

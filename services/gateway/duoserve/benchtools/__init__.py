@@ -1,0 +1,1 @@
+"""Pieces of `duoserve bench`: request targets, the load generator, statistics and reports."""

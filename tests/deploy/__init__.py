@@ -1,0 +1,1 @@
+"""Offline checks of the images, docker compose files and Kubernetes manifests."""
