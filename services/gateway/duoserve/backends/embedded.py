@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 
 from duoserve.backends.base import Backend
 from duoserve.config import EmbeddedBackendConfig, TensorSpec
-from duoserve.errors import BadRequest, NotFound, Unavailable, UpstreamError
+from duoserve.errors import BadRequest, NotFound, Unavailable, UpstreamError, UpstreamTimeout
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
 
@@ -62,7 +62,7 @@ class TorchScriptRuntime(Runtime):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self._module = torch.jit.load(str(path), map_location=device).eval()
+        self._module = torch.jit.load(str(path), map_location=device).eval()  # type: ignore[no-untyped-call]
         self._signature = signature
 
     def run(self, inputs: Arrays, outputs: list[str]) -> Arrays:
@@ -319,13 +319,15 @@ class EmbeddedBackend(Backend):
                         self.config.max_batch_size,
                         self.config.max_batch_delay_ms / 1000,
                     )
-                future = batcher.submit(inputs)
+                pending: Awaitable[Arrays] = batcher.submit(inputs)
             else:
-                future = loop.run_in_executor(self._executor, run, inputs)
-            result = await asyncio.wait_for(future, deadline.check("the embedded model"))
+                pending = loop.run_in_executor(self._executor, run, inputs)
+            result = await asyncio.wait_for(pending, deadline.check("the embedded model"))
         except TimeoutError:
-            deadline.check("the embedded model")
-            raise
+            raise UpstreamTimeout(
+                f"the {slot.framework} model '{slot.model}' did not finish within the deadline "
+                f"({deadline.budget_s * 1000:.0f} ms)"
+            ) from None
         except (BadRequest, NotFound):
             raise
         except Exception as error:
