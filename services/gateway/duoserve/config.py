@@ -196,9 +196,14 @@ class GatewayConfig(_Strict):
 
 
 def _format_errors(error: ValidationError) -> str:
+    kinds = {"torchserve", "tfserving", "v2", "embedded"}
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = list(item["loc"])
+        # pydantic puts the union's tag (the backend kind) in the path; the file has no such key.
+        if len(loc) > 2 and loc[0] == "backends" and loc[2] in kinds:
+            del loc[2]
+        where = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message}")
     return "\n".join(lines)

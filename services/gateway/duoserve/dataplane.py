@@ -308,10 +308,12 @@ class DataPlane:
                 agreement["max_abs_diff"]
             )
 
-    async def wait_shadows(self) -> None:
-        """Let running shadow calls finish (tests, shutdown)."""
+    async def wait_shadows(self, timeout_s: float = 10.0) -> None:
+        """Let running shadow calls finish (tests, shutdown), for at most ``timeout_s``."""
         if self._shadow_tasks:
-            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+            _, pending = await asyncio.wait(list(self._shadow_tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
 
     # -- compare -------------------------------------------------------------------------
 
@@ -419,6 +421,8 @@ def validate_request(model_name: str, config: ModelConfig, request: InferenceReq
                 f"input '{tensor.name}' has shape {list(shape)}; model '{model_name}' "
                 f"expects {spec.shape} (-1 = any size)"
             )
+        if shape and spec.shape[0] == -1 and shape[0] == 0:
+            raise BadRequest(f"input '{tensor.name}' has no rows; send at least one")
         if shape and spec.shape[0] == -1 and shape[0] > config.max_batch:
             raise BadRequest(
                 f"input '{tensor.name}' has {shape[0]} rows; model '{model_name}' takes "

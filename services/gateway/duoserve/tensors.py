@@ -144,6 +144,19 @@ class InferenceResponse:
         return None
 
 
+def _whole_numbers(data: Any, datatype: str, name: str) -> np.ndarray:
+    values = np.array(data, dtype=object)
+    flat = values.ravel()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise BadRequest(f"input '{name}': {datatype} data must be whole numbers")
+    info = np.iinfo(V2_TO_NUMPY[datatype])
+    if min(flat) < info.min or max(flat) > info.max:
+        raise BadRequest(
+            f"input '{name}': values must lie in [{info.min}, {info.max}] for {datatype}"
+        )
+    return values.astype(V2_TO_NUMPY[datatype])
+
+
 def _check_range(array: np.ndarray, datatype: str, name: str) -> None:
     info = np.iinfo(V2_TO_NUMPY[datatype])
     if array.size and (array.min() < info.min or array.max() > info.max):
@@ -184,13 +197,14 @@ def array_from_json(data: Any, datatype: str, name: str) -> np.ndarray:
         raise BadRequest(f"input '{name}': {datatype} data must be numbers, not true/false")
     if datatype in INTEGER_TYPES:
         if kind == "f":
-            raise BadRequest(f"input '{name}': {datatype} data must be whole numbers")
+            # numpy turns ints beyond int64 (large UINT64 values) into floats: look again.
+            return _whole_numbers(data, datatype, name)
         _check_range(raw, datatype, name)
         return raw.astype(dtype)
     # Floating point: integers are fine; values beyond the type's range are not.
     with np.errstate(over="ignore"):
         array = raw.astype(dtype)
-    if kind == "f" and not np.isfinite(array).all() and np.isfinite(raw).all():
+    if not np.isfinite(array).all() and np.isfinite(raw).all():
         raise BadRequest(f"input '{name}': a value is too large for {datatype}")
     return array
 

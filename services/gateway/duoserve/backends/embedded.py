@@ -28,7 +28,14 @@ import numpy as np
 
 from duoserve.backends.base import Backend
 from duoserve.config import EmbeddedBackendConfig, TensorSpec
-from duoserve.errors import BadRequest, NotFound, Unavailable, UpstreamError, UpstreamTimeout
+from duoserve.errors import (
+    BadRequest,
+    DuoServeError,
+    NotFound,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
 
@@ -68,7 +75,8 @@ class TorchScriptRuntime(Runtime):
     def run(self, inputs: Arrays, outputs: list[str]) -> Arrays:
         torch = self._torch
         args = [
-            torch.from_numpy(np.ascontiguousarray(inputs[spec.name])).to(self.device)
+            # torch wants writable memory; binary request bodies arrive as read-only views.
+            torch.from_numpy(_writable(inputs[spec.name])).to(self.device)
             for spec in self._signature.inputs
         ]
         with torch.inference_mode():
@@ -165,13 +173,18 @@ class MicroBatcher:
             rows = _rows(first[0])
             closes_at = loop.time() + self._delay
             while rows < self._max:
-                timeout = closes_at - loop.time()
-                if timeout <= 0 and self._queue.empty():
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), max(timeout, 0))
-                except TimeoutError:
-                    break
+                # What already waits joins at once, even after the delay (or with a delay of
+                # 0): wait_for(get(), 0) would time out before the get ran and leave it queued.
+                if self._queue.empty():
+                    timeout = closes_at - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                else:
+                    item = self._queue.get_nowait()
                 batch.append(item)
                 rows += _rows(item[0])
             live = [(inputs, fut) for inputs, fut in batch if not fut.cancelled()]
@@ -328,7 +341,7 @@ class EmbeddedBackend(Backend):
                 f"the {slot.framework} model '{slot.model}' did not finish within the deadline "
                 f"({deadline.budget_s * 1000:.0f} ms)"
             ) from None
-        except (BadRequest, NotFound):
+        except DuoServeError:
             raise
         except Exception as error:
             log.warning("embedded %s model '%s' failed: %r", slot.framework, slot.model, error)
@@ -367,10 +380,18 @@ class EmbeddedBackend(Backend):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    if array.flags.writeable and array.flags.c_contiguous:
+        return array
+    return np.array(array, copy=True, order="C")
+
+
 def _model_error(error: Exception) -> Exception:
-    """Shape errors from the frameworks are the client's fault; the rest are the model's."""
+    """Input errors the framework found are the client's fault; the rest are the model's."""
     text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
     lowered = text.lower()
-    if any(word in lowered for word in ("shape", "size", "dimension", "dtype", "incompatible")):
+    if type(error).__name__ == "InvalidArgumentError" or any(
+        word in lowered for word in ("shape", "size", "dimension", "dtype", "incompatible")
+    ):
         return BadRequest(f"the model rejected the input: {text}")
     return UpstreamError("the embedded model failed while running the request")

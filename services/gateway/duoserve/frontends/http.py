@@ -24,6 +24,14 @@ from duoserve.errors import (
 from duoserve.metrics import Metrics
 
 JSON = "application/json"
+# TF Serving and TorchServe read any body as JSON; curl -d sends form-urlencoded. Their front
+# doors accept what those servers' clients send, and refuse media that cannot be JSON.
+LENIENT_JSON = (
+    JSON,
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "application/octet-stream",
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 

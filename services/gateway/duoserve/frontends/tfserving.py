@@ -22,7 +22,13 @@ from starlette.responses import Response
 from duoserve.config import ModelConfig, TensorSpec
 from duoserve.dataplane import CallContext, Served
 from duoserve.errors import BadRequest, NotFound
-from duoserve.frontends.http import Gateway, gateway_of, json_response, serve_inference
+from duoserve.frontends.http import (
+    LENIENT_JSON,
+    Gateway,
+    gateway_of,
+    json_response,
+    serve_inference,
+)
 from duoserve.router import ModelRouter
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, array_from_json
 
@@ -205,7 +211,7 @@ async def _predict(
         served = await gateway.dataplane.infer(model, decoded, ctx)
         return served, encode_predict(served.response, form), {"content-type": "application/json"}
 
-    return await serve_inference(request, PROTOCOL, model, handle)
+    return await serve_inference(request, PROTOCOL, model, handle, accepted_types=LENIENT_JSON)
 
 
 @router.post("/v1/models/{model}:predict", summary="Predict (TF Serving REST)")
@@ -250,7 +256,9 @@ async def _status(request: Request, model: str, version: str | None, label: str 
             raise NotFound(f"model '{model}' has no version label '{label[:64]}'")
         version = resolved
     shown = version or router_.config.version
-    ready = await dataplane.model_ready(model)
+    ready = await dataplane.model_ready(model, version)
+    if version is not None and not ready:
+        raise NotFound(f"could not find version {version} of model '{model}'")
     state = "AVAILABLE" if ready else "UNAVAILABLE"
     status = {"error_code": "OK", "error_message": ""}
     if not ready:

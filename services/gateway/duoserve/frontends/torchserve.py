@@ -26,6 +26,7 @@ from duoserve.config import ModelConfig
 from duoserve.dataplane import CallContext, Served
 from duoserve.errors import BadRequest
 from duoserve.frontends.http import (
+    LENIENT_JSON,
     Gateway,
     gateway_of,
     json_response,
@@ -111,7 +112,9 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
         payload = encode_predictions(served.response, form, model)
         return served, payload, {"content-type": "application/json"}
 
-    return await serve_inference(request, PROTOCOL, model, handle, torchserve_error_json)
+    return await serve_inference(
+        request, PROTOCOL, model, handle, torchserve_error_json, accepted_types=LENIENT_JSON
+    )
 
 
 @router.post("/predictions/{model}", summary="Predict (TorchServe inference API)")

@@ -244,7 +244,7 @@ def encode_v2_response(
 
 
 def model_metadata(name: str, config: ModelConfig, frameworks: list[str]) -> dict[str, Any]:
-    versions = sorted({r.version for r in config.routes if r.version})
+    versions = sorted({config.version, *(r.version for r in config.routes if r.version)})
     platform = config.platform or (
         PLATFORMS[frameworks[0]] if len(frameworks) == 1 else "duoserve_" + "_".join(frameworks)
     )
