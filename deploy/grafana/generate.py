@@ -488,13 +488,17 @@ def _overview_rows() -> tuple[Row, ...]:
                     unit="s",
                 ),
                 Panel(
-                    "TorchServe handler and queue time (last request)",
-                    "TorchServe's own gauges, in milliseconds: HandlerTime (the handler's "
-                    "preprocess, inference, postprocess) per model, QueueTime per host.",
+                    "TorchServe prediction and queue time (last request)",
+                    "TorchServe's own gauges, in milliseconds: PredictionTime (the worker's "
+                    "call of the handler: preprocess, inference, postprocess) per model, "
+                    "QueueTime per host.",
                     (
+                        # Not HandlerTime: only handlers built on TorchServe's BaseHandler write
+                        # it, and DuoServe's SignatureHandler is not; the worker writes
+                        # PredictionTime around every handler.
                         Query(
-                            'max by (ModelName) (HandlerTime{ModelName=~"$model"})',
-                            "handler {{ModelName}}",
+                            'max by (ModelName) (PredictionTime{ModelName=~"$model"})',
+                            "prediction {{ModelName}}",
                         ),
                         Query("max by (Hostname) (QueueTime)", "queue {{Hostname}}"),
                     ),
@@ -548,7 +552,9 @@ def _overview_rows() -> tuple[Row, ...]:
                                 "thread_pool_name",
                                 scale=" / 1e6",
                             ),
-                            f"{{{{thread_pool_name}}}} p{int(q * 100)}",
+                            # The model server leaves thread_pool_name empty (Prometheus
+                            # drops the label), so the legend names the queue itself.
+                            f"batching queue p{int(q * 100)}",
                         )
                         for q in (0.5, 0.99)
                     ),

@@ -18,9 +18,10 @@ from types import ModuleType
 from typing import Any
 
 import yaml
-from duoserve.metrics import Metrics
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
+
+from duoserve.metrics import Metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
@@ -358,7 +359,7 @@ PANELS_OF_SOURCE = {
     "torchserve": frozenset(
         {
             "TorchServe queue and inference time per request",
-            "TorchServe handler and queue time (last request)",
+            "TorchServe prediction and queue time (last request)",
             "TorchServe responses by status class",
         }
     ),

@@ -152,7 +152,7 @@ def test_overview_shows_everything_the_issue_asks_for(dashboards: dict[str, dict
         "ts_queue_latency_microseconds",
         "ts_inference_latency_microseconds",
         "QueueTime",
-        "HandlerTime",
+        "PredictionTime",
         ":tensorflow:serving:request_latency_bucket",
         ":tensorflow:serving:batching_session:queuing_latency_bucket",
         "DCGM_FI_DEV_GPU_UTIL",

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -28,8 +29,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="stand-in only: answer gRPC with tensor_content instead of typed *_val fields",
     )
-    # Accepted so the real server's command lines work; batching is not emulated.
-    parser.add_argument("--enable_batching", default="false")
+    # Accepted so the real server's command lines work (bare `--enable_batching` too). Batches
+    # are not formed; only the batching queue's latency metric is kept, for the dashboards.
+    parser.add_argument("--enable_batching", nargs="?", const="true", default="false")
     parser.add_argument("--batching_parameters_file", default="")
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
     args = parser.parse_args(argv)
@@ -73,11 +75,21 @@ async def _serve(args: argparse.Namespace) -> None:
     metrics = ServingMetrics()
     controls = {"delay_ms": args.delay_ms}
 
+    batching = args.enable_batching.lower() in ("true", "1")
+
+    def run_queued(enqueued, servable, signature_name, inputs, output_filter):
+        if batching:
+            # The wait for a free worker thread stands in for TF Serving's batching queue.
+            metrics.record_queuing((time.perf_counter() - enqueued) * 1e6)
+        return servable.run(signature_name, inputs, output_filter)
+
     async def run_predict(servable, signature_name, inputs, output_filter):
         if controls["delay_ms"] > 0:
             await asyncio.sleep(controls["delay_ms"] / 1000)
         # TensorFlow releases the GIL while it runs: a thread keeps both APIs responsive.
-        return await asyncio.to_thread(servable.run, signature_name, inputs, output_filter)
+        return await asyncio.to_thread(
+            run_queued, time.perf_counter(), servable, signature_name, inputs, output_filter
+        )
 
     grpc_server = await serve_grpc(
         registry, metrics, run_predict, args.port, tensor_content=args.tensor_content

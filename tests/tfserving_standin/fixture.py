@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING_CONFIG = REPO / "services" / "tfserving" / "monitoring.config"
+BATCHING_CONFIG = REPO / "services" / "tfserving" / "batching.config"
 
 
 def free_port() -> int:
@@ -110,6 +111,7 @@ def start_standin(
     delay_ms: float = 0,
     monitoring: bool = True,
     tensor_content: bool = False,
+    enable_batching: bool = False,
     startup_timeout_s: float = 90,
 ) -> StandinHandle:
     """Start the stand-in in a subprocess and return once every model answers its status.
@@ -140,6 +142,9 @@ def start_standin(
         command.append(f"--monitoring_config_file={MONITORING_CONFIG}")
     if tensor_content:
         command.append("--tensor_content")
+    if enable_batching:
+        # As services/tfserving/Dockerfile runs the real server.
+        command += ["--enable_batching", f"--batching_parameters_file={BATCHING_CONFIG}"]
     log_path = workdir / "standin.log"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log_file:

@@ -5,6 +5,11 @@ TF Serving registers `/tensorflow/serving/request_count` (labels model_name, sta
 Exponential(10, 1.8, 33)) in servables/tensorflow/util.cc; its Prometheus exporter turns '/' into
 ':'. Latency is recorded for successful requests only (prediction_service_impl.cc); the count for
 every request, labelled with the status code's name.
+
+With --enable_batching, batching/batching_session.cc adds
+`/tensorflow/serving/batching_session/queuing_latency` (microseconds from a task's enqueue to its
+batch being picked up; buckets Exponential(100, 1.2, 52); label thread_pool_name, which the model
+server's CreateBatchingSession leaves empty, so Prometheus stores the series without it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,30 @@ import threading
 from collections import defaultdict
 
 BUCKETS_US = [10 * 1.8**i for i in range(33)]
+QUEUING_BUCKETS_US = [100 * 1.2**i for i in range(52)]
+
+
+def _bucket_index(bounds: list[float], value: float) -> int:
+    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
+
+
+def _histogram_lines(
+    name: str,
+    bounds: list[float],
+    base: tuple[tuple[str, str], ...],
+    buckets: list[int],
+    total: float,
+) -> list[str]:
+    """NAME_bucket{..., le} (cumulative, last le="+Inf"), NAME_sum, NAME_count, as the exporter."""
+    lines = []
+    cumulative = 0
+    for bound, count in zip([*bounds, float("inf")], buckets, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else f"{bound:.6g}"
+        lines.append(f"{name}_bucket{{{_labels((*base, ('le', le)))}}} {cumulative}")
+    lines.append(f"{name}_sum{{{_labels(base)}}} {total:.0f}")
+    lines.append(f"{name}_count{{{_labels(base)}}} {cumulative}")
+    return lines
 
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
@@ -25,6 +54,17 @@ class ServingMetrics:
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._latency: dict[tuple[str, str, str], list[int]] = {}
         self._latency_sum: dict[tuple[str, str, str], float] = defaultdict(float)
+        self._queuing: dict[str, list[int]] = {}
+        self._queuing_sum: dict[str, float] = defaultdict(float)
+
+    def record_queuing(self, micros: float, thread_pool_name: str = "") -> None:
+        """One task's wait in the batching queue (only recorded with --enable_batching)."""
+        with self._lock:
+            buckets = self._queuing.setdefault(
+                thread_pool_name, [0] * (len(QUEUING_BUCKETS_US) + 1)
+            )
+            buckets[_bucket_index(QUEUING_BUCKETS_US, micros)] += 1
+            self._queuing_sum[thread_pool_name] += micros
 
     def record(
         self, model: str, status: str, api: str, entrypoint: str, micros: float | None
@@ -35,8 +75,7 @@ class ServingMetrics:
                 return
             key = (model, api, entrypoint)
             buckets = self._latency.setdefault(key, [0] * (len(BUCKETS_US) + 1))
-            index = next((i for i, b in enumerate(BUCKETS_US) if micros <= b), len(BUCKETS_US))
-            buckets[index] += 1
+            buckets[_bucket_index(BUCKETS_US, micros)] += 1
             self._latency_sum[key] += micros
 
     def render(self) -> str:
@@ -48,16 +87,15 @@ class ServingMetrics:
             lines.append("# TYPE :tensorflow:serving:request_latency histogram")
             for (model, api, entrypoint), buckets in sorted(self._latency.items()):
                 base = (("model_name", model), ("API", api), ("entrypoint", entrypoint))
-                cumulative = 0
-                for bound, count in zip([*BUCKETS_US, float("inf")], buckets, strict=True):
-                    cumulative += count
-                    le = "+Inf" if bound == float("inf") else f"{bound:.6g}"
-                    labels = _labels((*base, ("le", le)))
-                    lines.append(
-                        f":tensorflow:serving:request_latency_bucket{{{labels}}} {cumulative}"
-                    )
-                labels = _labels(base)
                 total = self._latency_sum[(model, api, entrypoint)]
-                lines.append(f":tensorflow:serving:request_latency_sum{{{labels}}} {total:.0f}")
-                lines.append(f":tensorflow:serving:request_latency_count{{{labels}}} {cumulative}")
+                lines += _histogram_lines(
+                    ":tensorflow:serving:request_latency", BUCKETS_US, base, buckets, total
+                )
+            if self._queuing:
+                name = ":tensorflow:serving:batching_session:queuing_latency"
+                lines.append(f"# TYPE {name} histogram")
+                for pool, buckets in sorted(self._queuing.items()):
+                    total = self._queuing_sum[pool]
+                    base = (("thread_pool_name", pool),)
+                    lines += _histogram_lines(name, QUEUING_BUCKETS_US, base, buckets, total)
         return "\n".join(lines) + "\n"
