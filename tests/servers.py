@@ -40,7 +40,7 @@ def wait_until(
         try:
             if check():
                 return
-        except OSError:
+        except (OSError, ValueError):  # not up yet, or a file caught half-written
             pass
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""

@@ -344,7 +344,7 @@ def _backend_error_reason_panel(framework: str) -> Panel:
 
 def _torchserve_per_request(counter: str) -> str:
     """Average microseconds per request of a cumulative TorchServe counter, in seconds."""
-    sel = '{model_name=~"$model"}'
+    sel = '{model_name=~"$server_model"}'
     return (
         f"sum by (model_name) (rate({counter}{sel}[{RATE}]))"
         f" / sum by (model_name) (rate(ts_inference_requests_total{sel}[{RATE}])) / 1e6"
@@ -497,7 +497,7 @@ def _overview_rows() -> tuple[Row, ...]:
                         # it, and DuoServe's SignatureHandler is not; the worker writes
                         # PredictionTime around every handler.
                         Query(
-                            'max by (ModelName) (PredictionTime{ModelName=~"$model"})',
+                            'max by (ModelName) (PredictionTime{ModelName=~"$server_model"})',
                             "prediction {{ModelName}}",
                         ),
                         Query("max by (Hostname) (QueueTime)", "queue {{Hostname}}"),
@@ -530,7 +530,7 @@ def _overview_rows() -> tuple[Row, ...]:
                                 q,
                                 ":tensorflow:serving:request_latency_bucket",
                                 "model_name",
-                                '{model_name=~"$model"}',
+                                '{model_name=~"$server_model"}',
                                 " / 1e6",
                             ),
                             f"{{{{model_name}}}} p{int(q * 100)}",
@@ -567,7 +567,7 @@ def _overview_rows() -> tuple[Row, ...]:
                     (
                         Query(
                             f"sum by (model_name, status) "
-                            f'(rate(:tensorflow:serving:request_count{{model_name=~"$model"}}'
+                            f'(rate(:tensorflow:serving:request_count{{model_name=~"$server_model"}}'
                             f"[{RATE}]))",
                             "{{model_name}} {{status}}",
                         ),
@@ -694,6 +694,15 @@ def build_dashboards() -> dict[str, dict[str, Any]]:
                 "framework",
                 "Framework",
                 'label_values(duoserve_requests_total{model=~"$model"}, framework)',
+                multi=True,
+            ),
+            # TorchServe and TF Serving label the backend's model name (a route's `model`),
+            # which need not equal the gateway's model name: their rows have their own picker.
+            _variable(
+                "server_model",
+                "Backend model",
+                'label_values({__name__=~"ts_inference_requests_total|'
+                ':tensorflow:serving:request_count"}, model_name)',
                 multi=True,
             ),
         ],

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from duoserve.config import load_config
 
+from duoserve.config import load_config
 from tests.deploy.deploy_checks import ROOT, load_yaml
 
 BASE = ROOT / "docker-compose.yml"

@@ -10,8 +10,8 @@ import sys
 
 import kubernetes_validate
 import pytest
-from duoserve.config import parse_config
 
+from duoserve.config import parse_config
 from tests.deploy.deploy_checks import (
     BACKENDS,
     GPU_OVERLAYS,

@@ -52,9 +52,7 @@ async def _v2(client: Any, model: str, images: np.ndarray) -> tuple[np.ndarray, 
 
 
 async def _tfserving(client: Any, model: str, images: np.ndarray) -> tuple[np.ndarray, Any]:
-    response = await client.post(
-        f"/v1/models/{model}:predict", json={"instances": images.tolist()}
-    )
+    response = await client.post(f"/v1/models/{model}:predict", json={"instances": images.tolist()})
     assert response.status_code == 200, response.text
     return np.array(response.json()["predictions"], dtype=np.float32), response
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from duoserve.backends.tfserving import TFServingBackend
 from duoserve.config import TFServingBackendConfig
 from duoserve.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, RequestedOutput, Tensor
-
 from tests.tfserving_standin.fixture import StandinHandle, start_standin, write_model_config
 
 tf = pytest.importorskip("tensorflow")

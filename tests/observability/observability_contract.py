@@ -96,7 +96,12 @@ EVENT_DRIVEN_GATEWAY_METRICS = frozenset(
 
 # Values a test gives Grafana's variables: "all" for the template variables (their allValue),
 # and a rate window that spans enough 1 s scrapes.
-TEST_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "$framework": ".*"}
+TEST_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$server_model": ".*",
+    "$model": ".*",
+    "$framework": ".*",
+}
 
 
 @cache

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+
 from duoserve.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -18,7 +20,6 @@ from duoserve.protos import (
     predict_pb2,
     tensor_pb2,
 )
-from google.protobuf import text_format
 
 official_predict = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
 official_metadata = pytest.importorskip("tensorflow_serving.apis.get_model_metadata_pb2")

@@ -14,17 +14,20 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from duoserve import __version__
+from duoserve.auth import APIKeyMiddleware, KeyRing
 from duoserve.backends.base import Backend
 from duoserve.config import GatewayConfig, load_config
 from duoserve.dataplane import DataPlane
+from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
 from duoserve.frontends import tfserving, torchserve, v2
 from duoserve.frontends.http import JSON, Gateway, error_json, torchserve_error_json
 from duoserve.metrics import Metrics
+from duoserve.resilience import CancelOnDisconnect, RetryBudget
 from duoserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,9 +87,34 @@ async def _probe_backends(dataplane: DataPlane, metrics: Metrics, interval_s: fl
         await asyncio.sleep(interval_s)
 
 
+def render_error(path: str, error: DuoServeError) -> bytes:
+    """The error body in the protocol of ``path``: TorchServe's shape on its paths."""
+    render = torchserve_error_json if path.startswith(TORCHSERVE_PATHS) else error_json
+    return render(error)
+
+
 def _error_response(request: Request, error: DuoServeError) -> Response:
-    render = torchserve_error_json if request.url.path.startswith(TORCHSERVE_PATHS) else error_json
-    return Response(render(error), status_code=error.status, headers=error.headers, media_type=JSON)
+    return Response(
+        render_error(request.url.path, error),
+        status_code=error.status,
+        headers=error.headers,
+        media_type=JSON,
+    )
+
+
+def _tune_resilience(dataplane: DataPlane, config: GatewayConfig, settings: Settings) -> None:
+    """Breaker and retry-budget parameters from settings; a backend's own
+    ``circuit_failure_threshold`` / ``circuit_reset_ms`` in models.yaml win when the schema
+    has them."""
+    for name, guard in dataplane.guards.items():
+        backend = config.backends[name]
+        guard.breaker.threshold = (
+            getattr(backend, "circuit_failure_threshold", None)
+            or settings.circuit_failure_threshold
+        )
+        reset_ms = getattr(backend, "circuit_reset_ms", None)
+        guard.breaker.reset_s = reset_ms / 1000 if reset_ms else settings.circuit_reset_s
+    dataplane.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
 
 
 def create_app(
@@ -106,16 +134,23 @@ def create_app(
     if backends is None:
         backends = build_backends(config, config_path.resolve().parent)
     dataplane = DataPlane(config, backends, metrics, settings.default_timeout_ms)
+    _tune_resilience(dataplane, config, settings)
+    # Read at build time so a bad keys file stops the gateway before it listens.
+    keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
+    drain = Drain(settings.drain_delay_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*(backend.start() for backend in backends.values()))
-        probe = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        probe = loop.create_task(
             _probe_backends(dataplane, metrics, settings.backend_probe_interval_s)
         )
+        undo_signals = chain_uvicorn_signals(drain, loop)
         try:
             yield
         finally:
+            undo_signals()
             probe.cancel()
             await dataplane.wait_shadows()
             await asyncio.gather(
@@ -132,6 +167,29 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes)
+    app.state.drain = drain
+    # Pure ASGI middleware (the last added runs first): keys, then drain, then disconnects.
+    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(DrainMiddleware, drain=drain)
+    if keys is not None:
+        known_models = set(config.models)
+
+        def rate_limited(model: str | None) -> None:
+            metrics.shed.labels(model if model in known_models else "unknown", "rate_limit").inc()
+
+        app.add_middleware(
+            APIKeyMiddleware,
+            keys=keys,
+            render=render_error,
+            open_health=settings.open_health,
+            open_metrics=settings.open_metrics,
+            on_rate_limited=rate_limited,
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+        # The client left while sending its body: nobody reads this answer.
+        return Response(status_code=400)
 
     @app.exception_handler(DuoServeError)
     async def on_duoserve_error(request: Request, error: DuoServeError) -> Response:
@@ -162,7 +220,7 @@ def create_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(registry), headers={"content-type": content_type})
 
     app.include_router(v2.router)

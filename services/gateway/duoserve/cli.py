@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    if settings.api_keys_file:
+        from duoserve.auth import KeyFileError, parse_keys_file
+
+        try:
+            parse_keys_file(settings.api_keys_file)
+        except KeyFileError as error:
+            print(error, file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -45,8 +54,42 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_level=settings.log_level,
         access_log=args.access_log,
-        timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+        # After SIGTERM and the drain delay (duoserve.drain): how long in-flight requests get.
+        # 0 means none (not "forever", which uvicorn's None would be).
+        timeout_graceful_shutdown=math.ceil(settings.drain_grace_s),
     )
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    from duoserve.auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("give the key on stdin, e.g.: duoserve keys hash < key.txt", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    import yaml
+
+    from duoserve.auth import hash_key, new_key
+
+    key = new_key()
+    entry: dict[str, object] = {
+        "name": args.name,
+        "sha256": hash_key(key),
+        "models": "*" if args.models == "*" else [m for m in args.models.split(",") if m],
+        "scopes": [s for s in args.scopes.split(",") if s],
+    }
+    if args.rate is not None:
+        entry["rate_per_s"] = args.rate
+        entry["burst"] = args.burst or max(1, math.ceil(args.rate))
+    print(f"key (shown once, store it now): {key}")
+    print("entry for the API keys file (DUOSERVE_API_KEYS_FILE):")
+    print(yaml.safe_dump([entry], sort_keys=False, default_flow_style=None).rstrip())
     return 0
 
 
@@ -147,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--url", default="http://127.0.0.1:8000")
     compare.set_defaults(run=_compare)
 
+    keys = commands.add_parser("keys", help="API keys for DUOSERVE_API_KEYS_FILE")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    hash_ = keys_commands.add_parser("hash", help="read a key on stdin, print its sha256")
+    hash_.set_defaults(run=_keys_hash)
+    new = keys_commands.add_parser("new", help="make a random key; print it once, and its entry")
+    new.add_argument("--name", default="client", help="name of the key (logs, rate limits)")
+    new.add_argument("--models", default="*", help='comma-separated models, or "*" (default)')
+    new.add_argument("--scopes", default="infer", help="comma-separated: infer, admin")
+    new.add_argument("--rate", type=float, help="requests per second allowed (token bucket)")
+    new.add_argument("--burst", type=int, help="bucket size (default: the rate)")
+    new.set_defaults(run=_keys_new)
+
     bench = commands.add_parser(
         "bench", help="load generator; `duoserve bench --help`", add_help=False
     )
@@ -156,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options are its own; argparse.REMAINDER would eat none
+        from duoserve.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result

@@ -36,6 +36,10 @@ class _BackendBase(_Strict):
     """Calls allowed to wait for a concurrency slot before new ones get 503."""
     retries: int = Field(1, ge=0, le=5)
     """Retries of a call that the backend did not process (refused connection, queue full)."""
+    circuit_failure_threshold: int | None = Field(None, ge=1, le=1000)
+    """Consecutive failures that open this backend's circuit (default: the gateway setting)."""
+    circuit_reset_ms: int | None = Field(None, gt=0, le=600_000)
+    """How long an open circuit waits before one probe call (default: the gateway setting)."""
 
 
 class TorchServeBackendConfig(_BackendBase):

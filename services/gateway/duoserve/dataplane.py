@@ -114,7 +114,6 @@ class DataPlane:
             if model.max_concurrency
         }
         self.retry_budget = RetryBudget()
-        self.draining = False
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     def _circuit_callback(self, backend: str) -> Any:
@@ -154,9 +153,6 @@ class DataPlane:
 
     async def infer(self, model_name: str, request: InferenceRequest, ctx: CallContext) -> Served:
         """Validate, route, call (with failover), and start the shadow copy."""
-        if self.draining:
-            self.metrics.shed.labels(model_name, "draining").inc()
-            raise Unavailable("the gateway is shutting down; retry on another replica")
         model = self.model(model_name)
         self.validate(model, request)
         plan = model.plan(ctx.pin, ctx.route_key)
@@ -237,13 +233,11 @@ class DataPlane:
                         and budget.can_retry()
                         and deadline.remaining() > 0.005
                     ):
+                        if attempt == 0:
+                            budget.retrying += 1  # until this request ends, retries included
                         attempt += 1
                         self.metrics.retries.labels(route.backend_name, error.reason).inc()
-                        budget.retrying += 1
-                        try:
-                            await asyncio.sleep(min(backoff_s(attempt), deadline.remaining() / 2))
-                        finally:
-                            budget.retrying -= 1
+                        await asyncio.sleep(min(backoff_s(attempt), deadline.remaining() / 2))
                         continue
                     raise
                 except DuoServeError:
@@ -270,6 +264,8 @@ class DataPlane:
                 return Served(response, route, elapsed, attempt + 1)
         finally:
             budget.active -= 1
+            if attempt:
+                budget.retrying -= 1
 
     # -- shadow --------------------------------------------------------------------------
 
@@ -377,11 +373,33 @@ class DataPlane:
         results = await asyncio.gather(*checks)
         return any(results) if model.config.failover else all(results)
 
+    async def readiness(self) -> tuple[bool, dict[str, bool]]:
+        """(whether this replica is ready, whether each model is servable now).
+
+        A replica is unready only for what is its own: an in-process (embedded) model that is
+        not loaded. Remote backends are shared by every replica; their outage is reported per
+        model (and by duoserve_backend_up) but does not pull every replica out of the load
+        balancer at once, which would also take down the models that still work or fail over.
+        Draining is answered by the drain middleware before this is asked."""
+        names = list(self.models)
+        answers = await asyncio.gather(*(self.model_ready(n) for n in names))
+        servable = dict(zip(names, answers, strict=True))
+        local = [
+            route
+            for model in self.models.values()
+            for route in model.routes
+            if route.backend.kind == "embedded"
+        ]
+        own = await asyncio.gather(
+            *(
+                route.backend.ready(route.model, route.version, framework=route.framework)
+                for route in local
+            )
+        )
+        return all(own), servable
+
     async def ready(self) -> bool:
-        if self.draining:
-            return False
-        results = await asyncio.gather(*(self.model_ready(name) for name in self.models))
-        return all(results)
+        return (await self.readiness())[0]
 
     def circuit_states(self) -> dict[str, str]:
         return {name: guard.breaker.state for name, guard in self.guards.items()}

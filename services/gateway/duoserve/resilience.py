@@ -1,4 +1,4 @@
-"""Deadlines, concurrency limits, retry budget, circuit breaker."""
+"""Deadlines, concurrency limits, retry budget, circuit breaker, cancel-on-disconnect."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from duoserve.errors import Overloaded, UpstreamTimeout
 
@@ -65,6 +66,10 @@ class ConcurrencyLimiter:
         try:
             await asyncio.wait_for(future, min(self.max_wait_s, deadline.remaining()))
         except TimeoutError:
+            # The slot may have been handed over just as the wait timed out (wait_for can
+            # still raise then): keep it rather than leak it.
+            if future.done() and not future.cancelled():
+                return
             raise Overloaded(
                 f"{self.what} stayed at its concurrency limit; retry shortly"
             ) from None
@@ -134,15 +139,17 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         self.failures += 1
         self._probing = False
+        if self.state == "open":
+            return  # a straggler started before the circuit opened: do not extend the wait
         if self.state == "half_open" or self.failures >= self.threshold:
             self._opened_at = time.monotonic()
             self._set("open")
 
     def record_neutral(self) -> None:
-        """The call ended in a way that says nothing about health (a client error)."""
+        """The call ended in a way that says nothing about health (shed by the gateway's own
+        limiter, cancelled, or a client error). Half-open, the probe slot is freed so the next
+        call probes: closing here would trust a backend no call has reached."""
         self._probing = False
-        if self.state == "half_open":
-            self._set("closed")
 
 
 class RetryBudget:
@@ -162,3 +169,58 @@ class RetryBudget:
 def backoff_s(attempt: int, base_s: float = 0.01, cap_s: float = 0.2) -> float:
     """Full-jitter exponential backoff."""
     return random.uniform(0, min(cap_s, base_s * 2**attempt))
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: when the client goes away while a POST is being handled, cancel the
+    handler, so the backend call (and its concurrency slot) is released instead of running on.
+
+    uvicorn does not cancel a request's task when its client disconnects; it only answers the
+    next ``receive()`` with ``http.disconnect``. Once the app has read the whole body, this
+    waits on that ``receive()`` beside the handler and cancels the handler when it fires before
+    the response is complete. GET requests are short and never watched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        responded = False
+
+        async def tracking_receive() -> Any:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, tracking_receive, tracking_send))
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            await body_read.wait()
+            message = await receive()
+            if message["type"] == "http.disconnect" and not responded and not handler.done():
+                gone = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if gone and (task is None or not task.cancelling()):
+                return  # the client left: nobody to answer
+            raise
+        finally:
+            watcher.cancel()

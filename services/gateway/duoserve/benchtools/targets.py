@@ -88,12 +88,12 @@ def random_tensors(
     rng = np.random.default_rng(seed)
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     for spec in inputs:
-        shape = [
-            (rows if i == 0 else 1) if d == -1 else d for i, d in enumerate(spec.shape)
-        ]
+        shape = [(rows if i == 0 else 1) if d == -1 else d for i, d in enumerate(spec.shape)]
         dtype = V2_TO_NUMPY[spec.datatype]
         if spec.datatype == "BYTES":
-            flat = [bytes(rng.integers(97, 123, 8, dtype=np.uint8)) for _ in range(math.prod(shape))]
+            flat = [
+                bytes(rng.integers(97, 123, 8, dtype=np.uint8)) for _ in range(math.prod(shape))
+            ]
             array = np.empty(len(flat), dtype=object)
             array[:] = flat
             array = array.reshape(shape)
@@ -140,9 +140,7 @@ def _json_data(array: np.ndarray) -> list[Any]:
 
 def _nested(array: np.ndarray) -> Any:
     if array.dtype.kind == "O":
-        return np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[object])(
-            array
-        ).tolist()
+        return np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[object])(array).tolist()
     return array.tolist()
 
 
@@ -271,4 +269,3 @@ def _rows(payload: dict[str, tuple[str, np.ndarray]] | bytes) -> int:
         return 1
     first = next(iter(payload.values()))[1]
     return int(first.shape[0]) if first.ndim else 1
-

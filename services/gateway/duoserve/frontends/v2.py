@@ -278,13 +278,11 @@ async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: every model servable, not draining")
+@router.get("/v2/health/ready", summary="Readiness: not draining, in-process models loaded")
 async def ready(request: Request) -> Response:
     dataplane = gateway_of(request).dataplane
-    is_ready = await dataplane.ready()
-    body = {"ready": is_ready, "circuits": dataplane.circuit_states()}
-    if dataplane.draining:
-        body["draining"] = True
+    is_ready, models = await dataplane.readiness()
+    body = {"ready": is_ready, "models": models, "circuits": dataplane.circuit_states()}
     return json_response(body, status=200 if is_ready else 503)
 
 

@@ -1,0 +1,9 @@
+# `make bench`: the reference benchmark (bench/reference.py) on this machine. It starts real
+# TorchServe, the TF Serving stand-in and gateway subprocesses, measures the gateway against the
+# backends called directly (interleaved), then the embedded backend with and without
+# micro-batching; results go to bench-results/ and the generated section of BENCHMARKS.md.
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS="--model resnet" or "--torchserve-batching".
+BENCH_ARGS ?=
+
+bench: setup models
+	$(PY) bench/reference.py --out bench-results --markdown BENCHMARKS.md $(BENCH_ARGS)

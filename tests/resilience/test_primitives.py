@@ -1,0 +1,181 @@
+"""Deadline, ConcurrencyLimiter, CircuitBreaker, RetryBudget and CancelOnDisconnect on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from duoserve.errors import Overloaded, UpstreamTimeout
+from duoserve.resilience import (
+    CancelOnDisconnect,
+    CircuitBreaker,
+    ConcurrencyLimiter,
+    Deadline,
+    RetryBudget,
+    backoff_s,
+)
+
+
+def test_deadline_check_raises_504_with_the_budget() -> None:
+    deadline = Deadline(0.0)
+    with pytest.raises(UpstreamTimeout, match="deadline of 0 ms") as caught:
+        deadline.check("the call")
+    assert caught.value.status == 504
+    assert Deadline(10).remaining() > 9
+
+
+async def test_limiter_sheds_at_once_when_slots_and_queue_are_full() -> None:
+    limiter = ConcurrencyLimiter("backend 'x'", limit=1, max_queue=1, max_wait_s=5)
+    deadline = Deadline(10)
+    await limiter.acquire(deadline)  # the one slot
+    queued = asyncio.ensure_future(limiter.acquire(deadline))
+    await asyncio.sleep(0)
+    assert limiter.queued == 1
+    started = time.perf_counter()
+    with pytest.raises(Overloaded) as caught:
+        await limiter.acquire(deadline)
+    assert time.perf_counter() - started < 0.01
+    assert caught.value.status == 503 and caught.value.headers["retry-after"] == "1"
+    limiter.release()  # hands the slot to the queued waiter
+    await queued
+    assert (limiter.active, limiter.queued) == (1, 0)
+    limiter.release()
+    assert limiter.active == 0
+
+
+async def test_limiter_waiter_gives_up_within_its_deadline_and_leaks_no_slot() -> None:
+    limiter = ConcurrencyLimiter("model 'm'", limit=1, max_queue=4, max_wait_s=5)
+    await limiter.acquire(Deadline(10))
+    started = time.perf_counter()
+    with pytest.raises(Overloaded):
+        await limiter.acquire(Deadline(0.05))
+    assert time.perf_counter() - started < 0.5
+    cancelled = asyncio.ensure_future(limiter.acquire(Deadline(10)))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    limiter.release()
+    assert (limiter.active, limiter.queued) == (0, 0)
+    await limiter.acquire(Deadline(1))  # the slot is free again
+    assert limiter.active == 1
+
+
+def test_breaker_opens_after_threshold_then_probes_once_and_closes() -> None:
+    states: list[str] = []
+    breaker = CircuitBreaker(threshold=3, reset_s=0.05, on_change=states.append)
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    assert 0 < breaker.retry_after_s() <= 0.05
+    time.sleep(0.06)
+    assert breaker.allow()  # the probe
+    assert breaker.state == "half_open" and not breaker.allow()  # only one probe at a time
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+    assert states == ["open", "half_open", "closed"]
+
+
+def test_breaker_half_open_failure_reopens_and_neutral_outcome_does_not_close() -> None:
+    breaker = CircuitBreaker(threshold=1, reset_s=0.01)
+    breaker.record_failure()
+    time.sleep(0.02)
+    assert breaker.allow()
+    breaker.record_neutral()  # e.g. shed by the gateway's own limiter: nothing was learned
+    assert breaker.state == "half_open"
+    assert breaker.allow()  # the probe slot was freed for the next call
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+
+
+def test_breaker_stragglers_do_not_extend_the_open_period() -> None:
+    breaker = CircuitBreaker(threshold=1, reset_s=0.05)
+    breaker.record_failure()
+    time.sleep(0.03)
+    breaker.record_failure()  # a call that started before the circuit opened
+    time.sleep(0.03)
+    assert breaker.allow()
+
+
+def test_retry_budget_is_a_share_of_active_calls_with_a_floor() -> None:
+    budget = RetryBudget(ratio=0.2, minimum=3)
+    budget.retrying = 2
+    assert budget.can_retry()
+    budget.retrying = 3
+    assert not budget.can_retry()  # 3 of 0 active: the floor
+    budget.active = 100
+    assert budget.can_retry()
+    budget.retrying = 20
+    assert not budget.can_retry()  # 20% of 100
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    values = {backoff_s(3) for _ in range(50)}
+    assert len(values) > 40
+    assert all(0 <= v <= 0.08 for v in values)
+    assert all(v <= 0.2 for v in (backoff_s(30) for _ in range(50)))
+
+
+async def test_cancel_on_disconnect_cancels_the_handler_when_the_client_leaves() -> None:
+    cancelled = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        try:
+            await asyncio.sleep(10)  # the backend call
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    client_left = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await client_left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing may be sent to a client that left")
+
+    app = CancelOnDisconnect(slow_app)
+    task = asyncio.ensure_future(app({"type": "http", "method": "POST"}, receive, send))
+    await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    client_left.set()
+    await asyncio.wait_for(task, 1)  # returns quietly: no error logged for a departed client
+    assert cancelled.is_set()
+    assert time.perf_counter() - started < 0.1
+
+
+async def test_cancel_on_disconnect_leaves_a_completed_response_alone() -> None:
+    sent: list[Any] = []
+    finished: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await asyncio.sleep(0.02)  # work after the response (e.g. metrics) must not be cut
+        finished.append(True)
+
+    queue = [
+        {"type": "http.request", "body": b"", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await CancelOnDisconnect(app)({"type": "http", "method": "POST"}, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert finished == [True]
