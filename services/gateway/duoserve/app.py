@@ -152,6 +152,8 @@ def create_app(
         finally:
             undo_signals()
             probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
             await dataplane.wait_shadows()
             await asyncio.gather(
                 *(backend.close() for backend in backends.values()), return_exceptions=True

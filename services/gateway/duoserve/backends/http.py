@@ -20,6 +20,30 @@ def new_session(max_connections: int) -> aiohttp.ClientSession:
     )
 
 
+class SessionPool:
+    """A backend's one keep-alive session, opened on first use and never again after close()
+    (a late probe or shadow call must not leave an unclosed session behind)."""
+
+    def __init__(self, max_connections: int, what: str) -> None:
+        self.max_connections = max_connections
+        self.what = what
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise Unavailable(f"the {self.what} backend is shut down", reason="closed")
+        if self._session is None or self._session.closed:
+            self._session = new_session(self.max_connections)
+        return self._session
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 async def call(
     session: aiohttp.ClientSession,
     method: str,

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
+from duoserve.backends.http import SessionPool
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -285,7 +286,8 @@ class TFServingBackend(Backend):
         self.config = config
         self.base = config.url.rstrip("/") if config.url else None
         self._channel: grpc.aio.Channel | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = SessionPool(config.max_concurrency, "TF Serving")
+        self._closed = False
         # (model, version, signature) -> {output name: V2 datatype or None}
         self._outputs: dict[tuple[str, str | None, str], dict[str, str | None]] = {}
         self._declared: dict[str, list[TensorSpec]] = {}
@@ -299,6 +301,8 @@ class TFServingBackend(Backend):
         self._declared.setdefault(model, list(outputs))
 
     def _grpc(self) -> grpc.aio.Channel:
+        if self._closed:
+            raise Unavailable("the TF Serving backend is shut down", reason="closed")
         if self._channel is None:
             if not self.config.grpc:
                 raise UpstreamError(f"backend '{self.name}' has no gRPC address configured")
@@ -306,14 +310,7 @@ class TFServingBackend(Backend):
         return self._channel
 
     def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_concurrency, keepalive_timeout=30, enable_cleanup_closed=True
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+        return self._pool.get()
 
     def _rest_path(self, model: str, version: str | None) -> str:
         if self.base is None:
@@ -331,12 +328,11 @@ class TFServingBackend(Backend):
             self._http()
 
     async def close(self) -> None:
+        self._closed = True
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.close()
 
     async def _unary(self, method: str, request: Any, response_cls: Any, timeout: float) -> Any:
         call = self._grpc().unary_unary(

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import call, new_session
+from duoserve.backends.http import SessionPool, call
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -77,7 +77,7 @@ class TorchServeBackend(Backend):
         super().__init__(name)
         self.config = config
         self.base = config.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = SessionPool(config.max_concurrency, "TorchServe")
         self._token: str | None = None
         self._token_mtime = 0.0
 
@@ -101,9 +101,7 @@ class TorchServeBackend(Backend):
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session(self.config.max_concurrency)
-        return self._session
+        return self._pool.get()
 
     async def start(self) -> None:
         self._client()
@@ -204,9 +202,8 @@ class TorchServeBackend(Backend):
                     return False
                 doc: Any = orjson.loads(await response.read())
                 return isinstance(doc, dict) and doc.get("status") == "Healthy"
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
             return False
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()

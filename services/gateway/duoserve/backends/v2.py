@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import call, new_session
+from duoserve.backends.http import SessionPool, call
 from duoserve.config import V2BackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -47,12 +47,10 @@ class V2Backend(Backend):
         super().__init__(name)
         self.config = config
         self.base = config.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = SessionPool(config.max_concurrency, "Open Inference Protocol")
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session(self.config.max_concurrency)
-        return self._session
+        return self._pool.get()
 
     def _headers(self) -> dict[str, str]:
         token = os.environ.get(self.config.token_env) if self.config.token_env else None
@@ -174,7 +172,7 @@ class V2Backend(Backend):
                 timeout=aiohttp.ClientTimeout(total=2),
             ) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError, DuoServeError):
             return False
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
@@ -188,9 +186,8 @@ class V2Backend(Backend):
                     return {}
                 doc: dict[str, Any] = orjson.loads(await response.read())
                 return doc
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
             return {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
