@@ -74,11 +74,13 @@ async def _probe_backends(dataplane: DataPlane, metrics: Metrics, interval_s: fl
         for model in dataplane.models.values():
             for route in model.routes + ([model.shadow] if model.shadow else []):
                 key = (route.backend_name, route.framework)
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that races
+                # a finished probe, and then this loop would outlive the app's shutdown.
                 try:
-                    ok = await asyncio.wait_for(
-                        route.backend.ready(route.model, route.version, framework=route.framework),
-                        timeout=max(1.0, interval_s),
-                    )
+                    async with asyncio.timeout(max(1.0, interval_s)):
+                        ok = await route.backend.ready(
+                            route.model, route.version, framework=route.framework
+                        )
                 except Exception:  # noqa: BLE001 - a probe failure is a 0, not a crash
                     ok = False
                 status[key] = status.get(key, True) and ok
@@ -152,8 +154,7 @@ def create_app(
         finally:
             undo_signals()
             probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            await asyncio.wait([probe], timeout=5)
             await dataplane.wait_shadows()
             await asyncio.gather(
                 *(backend.close() for backend in backends.values()), return_exceptions=True

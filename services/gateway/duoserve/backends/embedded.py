@@ -179,8 +179,11 @@ class MicroBatcher:
                     timeout = closes_at - loop.time()
                     if timeout <= 0:
                         break
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                    # that races a result, and close() must be able to stop this loop.
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), timeout)
+                        async with asyncio.timeout(timeout):
+                            item = await self._queue.get()
                     except TimeoutError:
                         break
                 else:
