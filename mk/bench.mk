@@ -5,5 +5,11 @@
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--model resnet" or "--torchserve-batching".
 BENCH_ARGS ?=
 
+.PHONY: bench bench-floor
+
 bench: setup models
 	$(PY) bench/reference.py --out bench-results --markdown BENCHMARKS.md $(BENCH_ARGS)
+
+# DuoServe vs a bare FastAPI + aiohttp proxy in front of the same TorchServe, interleaved.
+bench-floor: setup models
+	$(PY) bench/floor.py

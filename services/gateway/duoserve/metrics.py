@@ -7,6 +7,8 @@ framework, backend, protocol, code, reason. Health and metrics requests are neve
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # 0.5 ms .. 10 s: millisecond inference and the gateway's own sub-millisecond overhead.
@@ -40,6 +42,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "duoserve_requests",
             "Inference requests answered by the gateway, by who served them and the HTTP status.",
@@ -159,6 +162,15 @@ class Metrics:
             buckets=DIFF_BUCKETS,
             registry=registry,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: label values come from the config and small
+        fixed sets, and the lookup (validation, a lock, a dict) is on every request's path."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_circuit(self, backend: str, state: str) -> None:
         self.circuit_state.labels(backend).set(CIRCUIT_STATES[state])

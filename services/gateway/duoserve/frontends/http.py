@@ -162,14 +162,15 @@ async def serve_inference(
     metrics = gateway.metrics
     started = time.perf_counter()
     rid = request_id(request)
-    in_flight = metrics.in_flight.labels(protocol)
+    child = metrics.child
+    in_flight = child(metrics.in_flight, protocol)
     in_flight.inc()
     framework = backend = "none"
     metric_model = model_name if model_name in gateway.dataplane.models else "unknown"
     try:
         check_content_type(request, accepted_types)
         body = await read_body(request, gateway.max_body_bytes)
-        metrics.request_size.labels(protocol).observe(len(body))
+        child(metrics.request_size, protocol).observe(len(body))
         served, payload, extra_headers = await handle(
             gateway, body, call_context(request, protocol)
         )
@@ -196,12 +197,12 @@ async def serve_inference(
             **extra_headers,
         }
         response = Response(payload, status_code=200, headers=headers)
-        metrics.items.labels(metric_model, framework).inc(_rows(served))
+        child(metrics.items, metric_model, framework).inc(_rows(served))
     finally:
         in_flight.dec()
-    metrics.response_size.labels(protocol).observe(len(payload))
-    metrics.requests.labels(metric_model, framework, backend, protocol, str(status)).inc()
-    metrics.request_duration.labels(metric_model, framework, protocol).observe(
+    child(metrics.response_size, protocol).observe(len(payload))
+    child(metrics.requests, metric_model, framework, backend, protocol, str(status)).inc()
+    child(metrics.request_duration, metric_model, framework, protocol).observe(
         time.perf_counter() - started
     )
     return response
