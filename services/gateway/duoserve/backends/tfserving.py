@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool
+from duoserve.backends.http import SessionPool, call
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -397,20 +397,9 @@ class TFServingBackend(Backend):
         return UpstreamError(f"TF Serving failed running {what} (HTTP {status})")
 
     async def _get_json(self, url: str, what: str, timeout: float) -> Any:
-        try:
-            async with self._http().get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as answer:
-                raw = await answer.read()
-                status = answer.status
-        except TimeoutError:
-            raise UpstreamTimeout(f"TF Serving did not answer for {what} in time") from None
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
-            raise Unavailable(
-                f"TF Serving backend '{self.name}' is not reachable", reason="backend_down"
-            ) from error
-        except aiohttp.ClientError as error:
-            raise UpstreamError(f"the TF Serving call failed ({type(error).__name__})") from error
+        status, raw, _ = await call(
+            self._http(), "GET", url, what="TF Serving", deadline=Deadline(timeout)
+        )
         if status != 200:
             raise self._http_error(status, raw, what)
         return _loads(raw)
@@ -458,27 +447,15 @@ class TFServingBackend(Backend):
         signature = str(request.parameters.get("signature_name") or DEFAULT_SIGNATURE)
         body = _predict_body(signature, request.inputs)
         url = self._rest_path(request.model, request.version) + ":predict"
-        timeout = deadline.check("the TF Serving call")
-        try:
-            async with self._http().post(
-                url,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as answer:
-                raw = await answer.read()
-                status = answer.status
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"TF Serving did not answer for {what} before the deadline "
-                f"({deadline.budget_s * 1000:.0f} ms)"
-            ) from None
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
-            raise Unavailable(
-                f"TF Serving backend '{self.name}' is not reachable", reason="backend_down"
-            ) from error
-        except aiohttp.ClientError as error:
-            raise UpstreamError(f"the TF Serving call failed ({type(error).__name__})") from error
+        status, raw, _ = await call(
+            self._http(),
+            "POST",
+            url,
+            what="TF Serving",
+            deadline=deadline,
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
         if status != 200:
             raise self._http_error(status, raw, what)
         try:
