@@ -159,3 +159,30 @@ def v2_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pytorch_gateway(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A gateway on a real socket serving `digits` on the embedded PyTorch runtime only
+    (quick to start: TensorFlow is never imported)."""
+    import yaml
+
+    from tests.servers import Gateway
+
+    workdir = tmp_path_factory.mktemp("pytorch-gateway")
+    config = workdir / "models.yaml"
+    routes = [{"backend": "local", "framework": "pytorch"}]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": {"local": {"kind": "embedded", "model_store": str(model_store)}},
+                "models": {"digits": {**DIGITS_IO, "routes": routes}},
+            }
+        )
+    )
+    server = Gateway(config, workdir, env={"DUOSERVE_LOG_LEVEL": "warning"})
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

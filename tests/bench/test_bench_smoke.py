@@ -7,43 +7,19 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from aiohttp import web
 
 from duoserve.benchtools.loadgen import Phase, run_phase
 from duoserve.benchtools.targets import RequestSpec
-from tests.conftest import DIGITS_IO
 from tests.servers import VENV_BIN, Gateway
 
 
 @pytest.fixture(scope="module")
-def gateway(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A gateway serving digits on the embedded PyTorch runtime (quick to start: no TF)."""
-    workdir = tmp_path_factory.mktemp("bench-gateway")
-    config = workdir / "models.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "backends": {"local": {"kind": "embedded", "model_store": str(model_store)}},
-                "models": {
-                    "digits": {
-                        **DIGITS_IO,
-                        "routes": [{"backend": "local", "framework": "pytorch"}],
-                    }
-                },
-            }
-        )
-    )
-    server = Gateway(config, workdir, env={"DUOSERVE_LOG_LEVEL": "warning"})
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+def gateway(pytorch_gateway: Gateway) -> Gateway:
+    return pytorch_gateway
 
 
 def test_bench_cli_reports_a_sane_closed_loop_run(gateway: Gateway, tmp_path: Path) -> None:

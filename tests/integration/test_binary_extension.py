@@ -10,49 +10,25 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from duoserve.config import ModelConfig
 from duoserve.frontends.v2 import BINARY_TYPES, decode_v2_request, encode_v2_response
 from duoserve.tensors import V2_TO_NUMPY, InferenceResponse, Tensor
-from tests.conftest import DIGITS_IO
 from tests.servers import Gateway
 
 pytestmark = pytest.mark.integration
 
-tritonhttp = pytest.importorskip("tritonclient.http")
+import tritonclient.http as tritonhttp  # noqa: E402 - a dev dependency, never skipped
 
 
 @pytest.fixture(scope="module")
-def gateway(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    workdir = tmp_path_factory.mktemp("binary-gateway")
-    config = workdir / "models.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "backends": {"local": {"kind": "embedded", "model_store": str(model_store)}},
-                "models": {
-                    "digits": {
-                        **DIGITS_IO,
-                        "routes": [{"backend": "local", "framework": "pytorch"}],
-                    }
-                },
-            }
-        )
-    )
-    server = Gateway(config, workdir, env={"DUOSERVE_LOG_LEVEL": "warning"})
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+def gateway(pytorch_gateway: Gateway) -> Gateway:
+    return pytorch_gateway
 
 
 def _infer(url: str, images: np.ndarray, binary_in: bool, binary_out: bool) -> np.ndarray:
