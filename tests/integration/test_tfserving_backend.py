@@ -8,6 +8,7 @@ different small one; label
 
 from __future__ import annotations
 
+import importlib
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, RequestedOutput, Tensor
 from tests.tfserving_standin.fixture import StandinHandle, start_standin, write_model_config
 
-tf = pytest.importorskip("tensorflow")
+tf = importlib.import_module("tensorflow")
 
 pytestmark = pytest.mark.integration
 

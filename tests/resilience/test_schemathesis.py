@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
 
 from tests.conftest import embedded_config
 from tests.resilience.conftest import start_gateway
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402 - after the importorskip
-from schemathesis import checks  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

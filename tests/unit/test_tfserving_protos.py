@@ -7,6 +7,7 @@ parse with TF Serving's config messages.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,15 @@ from duoserve.protos import (
     tensor_pb2,
 )
 
-official_predict = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
-official_metadata = pytest.importorskip("tensorflow_serving.apis.get_model_metadata_pb2")
-official_status = pytest.importorskip("tensorflow_serving.apis.get_model_status_pb2")
-official_server_config = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
-official_types = pytest.importorskip("tensorflow.core.framework.types_pb2")
-official_meta_graph = pytest.importorskip("tensorflow.core.protobuf.meta_graph_pb2")
-official_tensor = pytest.importorskip("tensorflow.core.framework.tensor_pb2")
+official_predict = importlib.import_module("tensorflow_serving.apis.predict_pb2")
+official_metadata = importlib.import_module("tensorflow_serving.apis.get_model_metadata_pb2")
+official_status = importlib.import_module("tensorflow_serving.apis.get_model_status_pb2")
+official_server_config = importlib.import_module(
+    "tensorflow_serving.config.model_server_config_pb2"
+)
+official_types = importlib.import_module("tensorflow.core.framework.types_pb2")
+official_meta_graph = importlib.import_module("tensorflow.core.protobuf.meta_graph_pb2")
+official_tensor = importlib.import_module("tensorflow.core.framework.tensor_pb2")
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "services" / "tfserving"
@@ -259,7 +262,7 @@ CODEC_CASES = [
 @pytest.mark.parametrize(("datatype", "array"), CODEC_CASES, ids=[c[0] for c in CODEC_CASES])
 def test_gateway_tensors_read_by_tensorflow_and_back(datatype: str, array: np.ndarray) -> None:
     """What the gateway sends TensorFlow reads as the same array, and vice versa."""
-    tf = pytest.importorskip("tensorflow")
+    tf = importlib.import_module("tensorflow")
     from duoserve.backends.tfserving import decode_tensor, encode_tensor
     from duoserve.tensors import Tensor
 
