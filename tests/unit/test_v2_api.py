@@ -615,3 +615,11 @@ async def test_empty_batch_is_answered_alike_and_never_opens_the_circuit(
         assert app.state.gateway.dataplane.circuit_states() == {"local": "closed"}
         served = await client.post(INFER, json=_pixels(), headers=pin)
         assert served.status_code == 200
+
+
+async def test_health_answers_head_for_probes_that_use_it(gateway: Any) -> None:
+    async with gateway() as (client, _):
+        for path in ("/v2/health/live", "/v2/health/ready", "/ping"):
+            response = await client.head(path)
+            assert response.status_code == 200, path
+            assert response.content == b"", path

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -80,9 +81,16 @@ class TorchServeBackend(Backend):
         self._pool = SessionPool(config.max_concurrency, "TorchServe")
         self._token: str | None = None
         self._token_mtime = 0.0
+        self._auth_header: dict[str, str] | None = None
+        self._auth_checked_at = 0.0
 
     def _auth(self) -> dict[str, str]:
-        # Re-read the key when TorchServe rewrote key_file.json (it does on every start).
+        # Re-read the key when TorchServe rewrote key_file.json (it does on every start); the
+        # file is looked at no more than once a second, not on every request.
+        now = time.monotonic()
+        if self._auth_header is not None and now - self._auth_checked_at < 1.0:
+            return self._auth_header
+        self._auth_checked_at = now
         path = self.config.token_file
         if path:
             try:
@@ -98,7 +106,8 @@ class TorchServeBackend(Backend):
                     self._token = None
         elif self._token is None:
             self._token = read_token(None, self.config.token_env)
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        self._auth_header = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return self._auth_header
 
     def _client(self) -> aiohttp.ClientSession:
         return self._pool.get()
@@ -142,6 +151,7 @@ class TorchServeBackend(Backend):
         message = _message(raw)
         if status in (400, 401, 403) and b"InvalidKeyException" in raw:
             # TorchServe answers a missing or stale key with 400; it is the gateway's fault.
+            self._auth_header = None  # look at the key file again on the next call
             log.error("backend %s refused the gateway's token (HTTP %s)", self.name, status)
             return UpstreamError("the TorchServe backend refused the gateway's credentials")
         what = f"model '{request.model}'" + (

@@ -127,7 +127,7 @@ async def predictions_version(request: Request, model: str, version: str) -> Res
     return await _predict(request, model, version)
 
 
-@router.get("/ping", summary="Health (TorchServe inference API)")
+@router.api_route("/ping", methods=["GET", "HEAD"], summary="Health (TorchServe inference API)")
 async def ping(request: Request) -> Response:
     healthy = await gateway_of(request).dataplane.ready()
     if healthy:

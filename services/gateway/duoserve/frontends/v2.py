@@ -273,12 +273,16 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.get("/v2/health/live", summary="Liveness")
+@router.api_route("/v2/health/live", methods=["GET", "HEAD"], summary="Liveness")
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: not draining, in-process models loaded")
+@router.api_route(
+    "/v2/health/ready",
+    methods=["GET", "HEAD"],
+    summary="Readiness: not draining, in-process models loaded",
+)
 async def ready(request: Request) -> Response:
     dataplane = gateway_of(request).dataplane
     is_ready, models = await dataplane.readiness()
