@@ -320,15 +320,15 @@ def _error_ratio_panel(model: str, framework: str) -> Panel:
 
 
 def _backend_error_reason_panel(framework: str) -> Panel:
-    # Backend errors carry no model label, so this panel follows the framework picker only.
     # The gateway observes the backend duration only for calls that succeeded: attempts are
     # successes plus failures.
-    errors = f"rate(duoserve_backend_errors_total{_selector(framework)}[{RATE}])"
+    errors = f"rate(duoserve_backend_errors_total{_selector(MODEL, framework)}[{RATE}])"
     successes = (
-        f"rate(duoserve_backend_request_duration_seconds_count{_selector(framework)}[{RATE}])"
+        "rate(duoserve_backend_request_duration_seconds_count"
+        f"{_selector(MODEL, framework)}[{RATE}])"
     )
     return Panel(
-        "Backend error ratio by reason (all models)",
+        "Backend error ratio by reason",
         "Failed backend call attempts per attempt, by reason (timeout, backend_down, "
         "overloaded, circuit_open, backend_error, ...): says why the error ratio moved.",
         (

@@ -322,6 +322,7 @@ async def test_failover_to_the_other_route() -> None:
             sample(
                 app,
                 "duoserve_backend_errors_total",
+                model="digits",
                 backend="down",
                 framework="pytorch",
                 reason="backend_down",
@@ -400,6 +401,7 @@ async def test_circuit_opens_after_five_failures() -> None:
             sample(
                 app,
                 "duoserve_backend_errors_total",
+                model="digits",
                 backend="broken",
                 framework="pytorch",
                 reason="circuit_open",

@@ -206,7 +206,7 @@ class DataPlane:
         try:
             while True:
                 if not guard.breaker.allow():
-                    self.metrics.backend_errors.labels(*labels, "circuit_open").inc()
+                    self.metrics.backend_errors.labels(model_name, *labels, "circuit_open").inc()
                     raise Unavailable(
                         f"the {route.framework} backend for model '{model_name}' is failing; "
                         "its circuit is open",
@@ -226,7 +226,7 @@ class DataPlane:
                     response = await route.backend.infer(target, deadline)
                 except BACKEND_FAULTS as error:
                     guard.breaker.record_failure()
-                    self.metrics.backend_errors.labels(*labels, error.reason).inc()
+                    self.metrics.backend_errors.labels(model_name, *labels, error.reason).inc()
                     if (
                         isinstance(error, NOT_PROCESSED)
                         and attempt < guard.retries
@@ -248,7 +248,7 @@ class DataPlane:
                     raise
                 except Exception as error:  # a backend bug must not become a 500 with a trace
                     guard.breaker.record_failure()
-                    self.metrics.backend_errors.labels(*labels, "backend_error").inc()
+                    self.metrics.backend_errors.labels(model_name, *labels, "backend_error").inc()
                     log.exception("backend %s failed unexpectedly", route.backend_name)
                     raise UpstreamError(
                         f"the {route.framework} backend failed while serving '{model_name}'"

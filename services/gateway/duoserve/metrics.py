@@ -104,7 +104,7 @@ class Metrics:
         self.backend_errors = Counter(
             "duoserve_backend_errors",
             "Failed backend calls by reason (timeout, backend_down, overloaded, ...).",
-            ["backend", "framework", "reason"],
+            ["model", "backend", "framework", "reason"],
             registry=registry,
         )
         self.shed = Counter(
