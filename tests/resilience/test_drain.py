@@ -92,10 +92,12 @@ def test_sigterm_drains_without_dropping_accepted_requests(
     kinds = {o for _, o in outcomes}
     first_503 = min((t - term_at for t, s in readiness if t >= term_at and s == 503), default=None)
     served_while_draining = [t for t, o in after if o == "200" and t < DELAY_S]
+    odd = [(round(t - term_at, 3), o) for t, o in outcomes if o not in ("200", "refused")]
     print(
         f"\nexit {exited_after:.2f} s after SIGTERM (code {returncode}); "
         f"readiness 503 after {first_503}; outcomes {sorted(kinds)}; "
-        f"{len(served_while_draining)} served during the drain delay"
+        f"{len(served_while_draining)} served during the drain delay; "
+        f"other outcomes (sent s after SIGTERM): {odd}"
     )
     assert kinds <= {"200", "refused"}, kinds  # every accepted request answered 200
     assert sum(o == "200" for _, o in outcomes) > 10

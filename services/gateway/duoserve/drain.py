@@ -55,11 +55,12 @@ class DrainMiddleware:
         self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.drain.draining or scope["type"] != "http":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        if path in READINESS_PATHS:
+        drain = self.drain
+        if drain.draining and scope["path"] in READINESS_PATHS:
+            path = scope["path"]
             body = orjson.dumps(
                 {"status": "Unhealthy", "draining": True}
                 if path == "/ping"
@@ -79,8 +80,11 @@ class DrainMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
 
+        # Decided when the response starts, not when the request came in: a request already in
+        # flight at SIGTERM must not leave a keep-alive connection that the client reuses just
+        # as the listener closes (its next request would be dropped unread).
         async def closing_send(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and drain.draining:
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
