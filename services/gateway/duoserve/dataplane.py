@@ -356,11 +356,6 @@ class DataPlane:
 
     # -- health --------------------------------------------------------------------------
 
-    async def route_ready(self, route: Route) -> bool:
-        if self.guards[route.backend_name].breaker.state == "open":
-            return False
-        return await route.backend.ready(route.model, route.version, framework=route.framework)
-
     async def model_ready(self, model_name: str, version: str | None = None) -> bool:
         model = self.model(model_name)
         checks = [

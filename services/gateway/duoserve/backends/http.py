@@ -6,7 +6,16 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from duoserve.errors import Unavailable, UpstreamError, UpstreamTimeout
+from duoserve.errors import (
+    BadRequest,
+    DuoServeError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from duoserve.resilience import Deadline
 
 
@@ -75,3 +84,22 @@ async def call(
         raise Unavailable(f"the {what} backend is not reachable", reason="backend_down") from error
     except aiohttp.ClientError as error:
         raise UpstreamError(f"the {what} call failed ({type(error).__name__})") from error
+
+
+def status_error(status: int, server: str, what: str, detail: str = "") -> DuoServeError:
+    """The gateway's error for a backend's non-200 answer, the table every REST backend shares:
+    400 the client's input, 404 unknown model or version, 413 too large, 429/503 at capacity
+    (not processed: retryable), 408/504 timeout, anything else the backend's own failure.
+    ``detail`` is the backend's sanitised message; backends handle their quirks first."""
+    if status == 400:
+        return BadRequest(detail or f"{server} rejected the input of {what}")
+    if status == 404:
+        suffix = f": {detail}" if detail else ""
+        return NotFound(f"{what} is not available on the {server} backend{suffix}")
+    if status == 413:
+        return PayloadTooLarge(f"the request is larger than {server} accepts")
+    if status in (429, 503):
+        return Overloaded(f"{server} is at capacity for {what}; retry shortly")
+    if status in (408, 504):
+        return UpstreamTimeout(f"{server} timed out running {what}")
+    return UpstreamError(f"{server} failed running {what} (HTTP {status})")

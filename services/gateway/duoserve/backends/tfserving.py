@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call
+from duoserve.backends.http import SessionPool, call, status_error
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -378,23 +378,13 @@ class TFServingBackend(Backend):
             detail = clean_message(str(doc.get("error", ""))) if isinstance(doc, dict) else ""
         except (ValueError, UnicodeDecodeError):
             detail = ""
-        if status == 400:
-            return BadRequest(detail or f"TF Serving rejected the input of {what}")
-        if status == 404:
-            return NotFound(
-                f"{what} is not available on TF Serving backend '{self.name}'"
-                + (f": {detail}" if detail else "")
-            )
-        if status == 429:
-            return Overloaded(f"TF Serving is at capacity for {what}; retry shortly")
-        if status == 503:
+        if status == 503:  # TF Serving's UNAVAILABLE: the server, not its queue
             return Unavailable(
                 f"TF Serving backend '{self.name}' is unavailable", reason="backend_down"
             )
-        if status == 504:
-            return UpstreamTimeout(f"TF Serving timed out running {what}")
-        log.warning("backend %s: TF Serving answered HTTP %s: %s", self.name, status, detail)
-        return UpstreamError(f"TF Serving failed running {what} (HTTP {status})")
+        if status not in (400, 404, 413, 429, 408, 504):
+            log.warning("backend %s: TF Serving answered HTTP %s: %s", self.name, status, detail)
+        return status_error(status, "TF Serving", what, detail)
 
     async def _get_json(self, url: str, what: str, timeout: float) -> Any:
         status, raw, _ = await call(

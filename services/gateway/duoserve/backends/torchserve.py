@@ -25,16 +25,11 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call
+from duoserve.backends.http import SessionPool, call, status_error
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
-    BadRequest,
     DuoServeError,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
     UpstreamError,
-    UpstreamTimeout,
 )
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
@@ -157,23 +152,14 @@ class TorchServeBackend(Backend):
         what = f"model '{request.model}'" + (
             f" version '{request.version}'" if request.version else ""
         )
-        if status == 400:
-            return BadRequest(message or f"TorchServe rejected the input of {what}")
-        if status == 404:
-            return NotFound(f"{what} is not registered on the TorchServe backend")
-        if status == 413:
-            return PayloadTooLarge("the request is larger than TorchServe's max_request_size")
-        if status == 503:
-            # No worker free and the job queue full: not processed, safe to retry elsewhere.
-            return Overloaded(f"TorchServe is at capacity for {what}; retry shortly")
         if status in (401, 403):
             log.error("backend %s refused the gateway's token (HTTP %s)", self.name, status)
             return UpstreamError("the TorchServe backend refused the gateway's credentials")
-        if status == 408 or status == 504:
-            return UpstreamTimeout(f"TorchServe timed out running {what}")
         if status == 507:
             return UpstreamError(f"TorchServe's worker for {what} failed (out of memory?)")
-        return UpstreamError(f"TorchServe failed running {what} (HTTP {status})")
+        # 503: no worker free and the job queue full, so not processed: safe to retry.
+        # 404 is answered without TorchServe's text (it names the model store).
+        return status_error(status, "TorchServe", what, message if status == 400 else "")
 
     def _decode(self, raw: bytes, request: InferenceRequest) -> InferenceResponse:
         try:

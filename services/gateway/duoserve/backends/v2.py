@@ -14,16 +14,11 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call
+from duoserve.backends.http import SessionPool, call, status_error
 from duoserve.config import V2BackendConfig
 from duoserve.errors import (
-    BadRequest,
     DuoServeError,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
     UpstreamError,
-    UpstreamTimeout,
 )
 from duoserve.resilience import Deadline
 from duoserve.tensors import (
@@ -112,18 +107,7 @@ class V2Backend(Backend):
             message = str(orjson.loads(raw).get("error", ""))[:300]
         except (orjson.JSONDecodeError, AttributeError):
             message = ""
-        what = f"model '{request.model}'"
-        if status == 400:
-            return BadRequest(message or f"the V2 server rejected the input of {what}")
-        if status == 404:
-            return NotFound(f"{what} is not available on the V2 backend")
-        if status == 413:
-            return PayloadTooLarge("the request is larger than the V2 server accepts")
-        if status in (429, 503):
-            return Overloaded(f"the V2 server is at capacity for {what}; retry shortly")
-        if status == 504:
-            return UpstreamTimeout(f"the V2 server timed out running {what}")
-        return UpstreamError(f"the V2 server failed running {what} (HTTP {status})")
+        return status_error(status, "Open Inference Protocol", f"model '{request.model}'", message)
 
     def _decode(
         self, raw: bytes, header_length: str | None, request: InferenceRequest

@@ -185,8 +185,18 @@ def encode_predict(response: InferenceResponse, form: str) -> bytes:
 
 
 def resolve_version(model: ModelRouter, version: str | None, label: str | None) -> str | None:
+    """A label as models.yaml maps it; an unmapped label goes on as a label (TF Serving
+    backends know their own)."""
     if label is not None:
         return model.config.version_labels.get(label, label)
+    return version
+
+
+def declared_version(model: ModelRouter, label: str) -> str:
+    """The version a label names in models.yaml; 404 when models.yaml has no such label."""
+    version = model.config.version_labels.get(label)
+    if version is None:
+        raise NotFound(f"model '{model.name}' has no version label '{label[:64]}'")
     return version
 
 
@@ -251,10 +261,7 @@ async def _status(request: Request, model: str, version: str | None, label: str 
     if version is not None and not version.isdigit():
         raise BadRequest(f"version must be a number, not '{version[:32]}'")
     if label is not None:
-        resolved = router_.config.version_labels.get(label)
-        if resolved is None:
-            raise NotFound(f"model '{model}' has no version label '{label[:64]}'")
-        version = resolved
+        version = declared_version(router_, label)
     shown = version or router_.config.version
     ready = await dataplane.model_ready(model, version)
     if version is not None and not ready:
@@ -285,9 +292,7 @@ async def _metadata(
     router_ = gateway_of(request).dataplane.model(model)
     config = router_.config
     if label is not None:
-        version = config.version_labels.get(label)
-        if version is None:
-            raise NotFound(f"model '{model}' has no version label '{label[:64]}'")
+        version = declared_version(router_, label)
     signature = {
         "inputs": {s.name: _tensor_info(s) for s in config.inputs},
         "outputs": {s.name: _tensor_info(s) for s in config.outputs},
