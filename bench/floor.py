@@ -48,7 +48,7 @@ port = free_port()
 bare = subprocess.Popen(
     [
         str(REPO / ".venv/bin/uvicorn"),
-        "bare:app",
+        "bare_proxy:app",
         "--app-dir",
         str(REPO / "bench"),
         "--port",

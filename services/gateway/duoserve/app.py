@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute, APIRouter
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,14 +21,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from duoserve import __version__
-from duoserve.auth import APIKeyMiddleware, KeyRing
+from duoserve.auth import APIKeyMiddleware, ASGIApp, KeyRing, Receive, Scope, Send
 from duoserve.backends.base import Backend
 from duoserve.config import GatewayConfig, load_config
 from duoserve.dataplane import DataPlane
 from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
 from duoserve.frontends import tfserving, torchserve, v2
-from duoserve.frontends.http import JSON, Gateway, error_json, torchserve_error_json
+from duoserve.frontends.http import (
+    FAST_ENDPOINTS,
+    JSON,
+    Gateway,
+    error_json,
+    torchserve_error_json,
+)
 from duoserve.metrics import Metrics
 from duoserve.resilience import CancelOnDisconnect, RetryBudget
 from duoserve.settings import Settings
@@ -104,6 +113,76 @@ def _error_response(request: Request, error: DuoServeError) -> Response:
     )
 
 
+class DuoServeApp(FastAPI):
+    """FastAPI, entered through DuoServe's own pure ASGI chain for every HTTP request:
+    API keys, drain, disconnect watching, then ``Dispatch`` (inference POSTs straight to their
+    endpoint, everything else to FastAPI). Lifespan goes to FastAPI as usual."""
+
+    entry: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.entry is not None:
+            await self.entry(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def fastapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI itself, without DuoServe's chain in front."""
+        await super().__call__(scope, receive, send)
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+class Dispatch:
+    """The inference POSTs (endpoints marked ``fast_path``) run without FastAPI's router,
+    dependency solving and exception middleware: same endpoint, same path parameters, same
+    error bodies, at well under half the CPU per request. Anything else goes to FastAPI.
+
+    ``routers`` are the included routers, in the order they were included (FastAPI's own
+    matching order after the app's routes). A path takes the fast path only when the first
+    POST route in that order that matches it is a marked one, so the two can never disagree
+    about which endpoint serves a request."""
+
+    def __init__(self, app: DuoServeApp, routers: list[APIRouter]) -> None:
+        self.app = app
+        self.posts: list[tuple[re.Pattern[str], Handler | None]] = []
+        for route in [*app.router.routes, *(r for router in routers for r in router.routes)]:
+            if isinstance(route, APIRoute) and "POST" in (route.methods or ()):
+                fast = route.endpoint in FAST_ENDPOINTS
+                if fast and any(c.regex != "[^/]+" for c in route.param_convertors.values()):
+                    raise ValueError(f"{route.path}: fast-path parameters must be plain strings")
+                self.posts.append((route.path_regex, route.endpoint if fast else None))
+
+    def match(self, path: str) -> tuple[Handler, dict[str, Any]] | None:
+        for regex, endpoint in self.posts:
+            found = regex.match(path)
+            if found is not None:
+                return (endpoint, found.groupdict()) if endpoint is not None else None
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.match(scope["path"]) if scope["method"] == "POST" else None
+        if found is None:
+            await self.app.fastapi(scope, receive, send)
+            return
+        endpoint, params = found
+        scope["app"] = self.app
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request, **params)
+        except ClientDisconnect:
+            return  # the client left while sending its body: nobody reads an answer
+        except DuoServeError as error:
+            response = _error_response(request, error)
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"][:200])
+            response = _error_response(
+                request, DuoServeError("internal error; the gateway logged the details")
+            )
+        await response(scope, receive, send)
+
+
 def _tune_resilience(dataplane: DataPlane, config: GatewayConfig, settings: Settings) -> None:
     """Breaker and retry-budget parameters from settings; a backend's own
     ``circuit_failure_threshold`` / ``circuit_reset_ms`` in models.yaml win when the schema
@@ -160,7 +239,7 @@ def create_app(
                 *(backend.close() for backend in backends.values()), return_exceptions=True
             )
 
-    app = FastAPI(
+    app = DuoServeApp(
         title="DuoServe",
         version=__version__,
         description="One REST front door for PyTorch and TensorFlow models.",
@@ -171,23 +250,6 @@ def create_app(
     app.state.settings = settings
     app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes)
     app.state.drain = drain
-    # Pure ASGI middleware (the last added runs first): keys, then drain, then disconnects.
-    app.add_middleware(CancelOnDisconnect)
-    app.add_middleware(DrainMiddleware, drain=drain)
-    if keys is not None:
-        known_models = set(config.models)
-
-        def rate_limited(model: str | None) -> None:
-            metrics.shed.labels(model if model in known_models else "unknown", "rate_limit").inc()
-
-        app.add_middleware(
-            APIKeyMiddleware,
-            keys=keys,
-            render=render_error,
-            open_health=settings.open_health,
-            open_metrics=settings.open_metrics,
-            on_rate_limited=rate_limited,
-        )
 
     @app.exception_handler(ClientDisconnect)
     async def on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
@@ -226,7 +288,26 @@ def create_app(
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(registry), headers={"content-type": content_type})
 
-    app.include_router(v2.router)
-    app.include_router(tfserving.router)
-    app.include_router(torchserve.router)
+    routers = [v2.router, tfserving.router, torchserve.router]
+    for router in routers:
+        app.include_router(router)
+
+    # DuoServe's pure ASGI chain in front of every HTTP request: keys, then drain, then
+    # disconnects, then dispatch (fast inference path or FastAPI).
+    entry: ASGIApp = DrainMiddleware(CancelOnDisconnect(Dispatch(app, routers)), drain=drain)
+    if keys is not None:
+        known_models = set(config.models)
+
+        def rate_limited(model: str | None) -> None:
+            metrics.shed.labels(model if model in known_models else "unknown", "rate_limit").inc()
+
+        entry = APIKeyMiddleware(
+            entry,
+            keys=keys,
+            render=render_error,
+            open_health=settings.open_health,
+            open_metrics=settings.open_metrics,
+            on_rate_limited=rate_limited,
+        )
+    app.entry = entry
     return app

@@ -9,6 +9,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -33,6 +34,19 @@ LENIENT_JSON = (
     "application/octet-stream",
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
+# Inference endpoints the gateway dispatches itself, without FastAPI's router (app.Dispatch).
+FAST_ENDPOINTS: set[Callable[..., Awaitable[Response]]] = set()
+
+
+def fast_path(endpoint: Endpoint) -> Endpoint:
+    """Mark an inference endpoint ``async def (request, **path_params) -> Response`` for the
+    gateway's own dispatch: FastAPI's router and dependency solving cost more than the rest of
+    an inference request (measured: ~235 vs ~90 us in process). The route stays declared on
+    FastAPI too, for the OpenAPI schema; its path parameters must all be plain strings."""
+    FAST_ENDPOINTS.add(endpoint)
+    return endpoint
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from duoserve.errors import BadRequest, NotFound
 from duoserve.frontends.http import (
     LENIENT_JSON,
     Gateway,
+    fast_path,
     gateway_of,
     json_response,
     serve_inference,
@@ -225,16 +226,19 @@ async def _predict(
 
 
 @router.post("/v1/models/{model}:predict", summary="Predict (TF Serving REST)")
+@fast_path
 async def predict(request: Request, model: str) -> Response:
     return await _predict(request, model, None, None)
 
 
 @router.post("/v1/models/{model}/versions/{version}:predict", summary="Predict on a version")
+@fast_path
 async def predict_version(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, version, None)
 
 
 @router.post("/v1/models/{model}/labels/{label}:predict", summary="Predict on a version label")
+@fast_path
 async def predict_label(request: Request, model: str, label: str) -> Response:
     return await _predict(request, model, None, label)
 

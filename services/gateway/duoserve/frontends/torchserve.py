@@ -28,6 +28,7 @@ from duoserve.errors import BadRequest
 from duoserve.frontends.http import (
     LENIENT_JSON,
     Gateway,
+    fast_path,
     gateway_of,
     json_response,
     serve_inference,
@@ -118,11 +119,13 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
 
 
 @router.post("/predictions/{model}", summary="Predict (TorchServe inference API)")
+@fast_path
 async def predictions(request: Request, model: str) -> Response:
     return await _predict(request, model, None)
 
 
 @router.post("/predictions/{model}/{version}", summary="Predict on a version")
+@fast_path
 async def predictions_version(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, version)
 

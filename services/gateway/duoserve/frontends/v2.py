@@ -25,6 +25,7 @@ from duoserve.frontends.http import (
     Gateway,
     call_context,
     check_content_type,
+    fast_path,
     gateway_of,
     json_response,
     read_body,
@@ -406,6 +407,7 @@ INFER_BODY = {
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=INFER_BODY)
+@fast_path
 async def infer(request: Request, model: str) -> Response:
     return await _infer(request, model, None)
 
@@ -415,6 +417,7 @@ async def infer(request: Request, model: str) -> Response:
     summary="Inference on a version",
     openapi_extra=INFER_BODY,
 )
+@fast_path
 async def infer_version(request: Request, model: str, version: str) -> Response:
     return await _infer(request, model, version)
 
