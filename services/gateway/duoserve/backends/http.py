@@ -1,11 +1,16 @@
-"""The pooled HTTP client the REST backends share, and its failure mapping."""
+"""The REST backends' calls over the pooled HTTP client (httpclient.py), and the one table
+that turns a backend's HTTP status into the gateway's error."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import aiohttp
-
+from duoserve.backends.httpclient import (
+    ConnectError,
+    ConnectionLostError,
+    HTTPPool,
+    PoolClosedError,
+    ProtocolError,
+    Reply,
+)
 from duoserve.errors import (
     BadRequest,
     DuoServeError,
@@ -18,72 +23,39 @@ from duoserve.errors import (
 )
 from duoserve.resilience import Deadline
 
-
-def new_session(max_connections: int) -> aiohttp.ClientSession:
-    """One keep-alive pool per backend, sized to its concurrency limit."""
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, keepalive_timeout=30, enable_cleanup_closed=True
-    )
-    return aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
-    )
-
-
-class SessionPool:
-    """A backend's one keep-alive session, opened on first use and never again after close()
-    (a late probe or shadow call must not leave an unclosed session behind)."""
-
-    def __init__(self, max_connections: int, what: str) -> None:
-        self.max_connections = max_connections
-        self.what = what
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-
-    def get(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise Unavailable(f"the {self.what} backend is shut down", reason="closed")
-        if self._session is None or self._session.closed:
-            self._session = new_session(self.max_connections)
-        return self._session
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+__all__ = ["HTTPPool", "Reply", "call", "status_error"]
 
 
 async def call(
-    session: aiohttp.ClientSession,
+    pool: HTTPPool,
     method: str,
-    url: str,
+    target: str,
     *,
     what: str,
     deadline: Deadline,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[int, bytes, Mapping[str, str]]:
-    """(status, body, headers) of one call that must finish before ``deadline``.
+) -> Reply:
+    """One call below the pool's base URL that must finish before ``deadline``.
 
-    Refused or dropped connections are Unavailable (the backend did not process the call, so it
-    may be retried or failed over); a call past the deadline is UpstreamTimeout. Messages name
-    the backend kind, never its address.
+    Refused connections and connections the server closed before answering are Unavailable
+    (the backend did not complete the call, so it may be retried or failed over); a call past
+    the deadline is UpstreamTimeout. Messages name the backend kind, never its address.
     """
-    timeout = aiohttp.ClientTimeout(total=deadline.check(f"the {what} call"))
+    timeout_s = deadline.check(f"the {what} call")
     try:
-        async with session.request(
-            method, url, data=body, headers=headers, timeout=timeout
-        ) as response:
-            return response.status, await response.read(), response.headers.copy()
+        return await pool.request(method, target, body=body, headers=headers, timeout_s=timeout_s)
     except TimeoutError:
         raise UpstreamTimeout(
             f"the {what} backend did not answer within the deadline "
             f"({deadline.budget_s * 1000:.0f} ms)"
         ) from None
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
+    except (ConnectError, ConnectionLostError) as error:
         raise Unavailable(f"the {what} backend is not reachable", reason="backend_down") from error
-    except aiohttp.ClientError as error:
-        raise UpstreamError(f"the {what} call failed ({type(error).__name__})") from error
+    except PoolClosedError as error:
+        raise Unavailable(f"the {what} backend is shut down", reason="closed") from error
+    except ProtocolError as error:
+        raise UpstreamError(f"the {what} backend's answer was unreadable ({error})") from error
 
 
 def status_error(status: int, server: str, what: str, detail: str = "") -> DuoServeError:

@@ -24,13 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import grpc
 import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call, status_error
+from duoserve.backends.http import HTTPPool, call, status_error
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -286,7 +285,7 @@ class TFServingBackend(Backend):
         self.config = config
         self.base = config.url.rstrip("/") if config.url else None
         self._channel: grpc.aio.Channel | None = None
-        self._pool = SessionPool(config.max_concurrency, "TF Serving")
+        self._pool = HTTPPool(config.url, config.max_concurrency) if config.url else None
         self._closed = False
         # (model, version, signature) -> {output name: V2 datatype or None}
         self._outputs: dict[tuple[str, str | None, str], dict[str, str | None]] = {}
@@ -309,13 +308,15 @@ class TFServingBackend(Backend):
             self._channel = grpc.aio.insecure_channel(self.config.grpc, options=_CHANNEL_OPTIONS)
         return self._channel
 
-    def _http(self) -> aiohttp.ClientSession:
-        return self._pool.get()
+    def _http(self) -> HTTPPool:
+        if self._pool is None:
+            raise UpstreamError(f"backend '{self.name}' has no REST url configured")
+        return self._pool
 
     def _rest_path(self, model: str, version: str | None) -> str:
         if self.base is None:
             raise UpstreamError(f"backend '{self.name}' has no REST url configured")
-        path = f"{self.base}/v1/models/{quote(model, safe='')}"
+        path = f"/v1/models/{quote(model, safe='')}"
         if version:
             kind = "versions" if version.isdigit() else "labels"
             path += f"/{kind}/{quote(version, safe='')}"
@@ -324,15 +325,14 @@ class TFServingBackend(Backend):
     async def start(self) -> None:
         if self.config.protocol == "grpc" or not self.base:
             self._grpc()
-        if self.base:
-            self._http()
 
     async def close(self) -> None:
         self._closed = True
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-        await self._pool.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     async def _unary(self, method: str, request: Any, response_cls: Any, timeout: float) -> Any:
         call = self._grpc().unary_unary(
@@ -386,13 +386,13 @@ class TFServingBackend(Backend):
             log.warning("backend %s: TF Serving answered HTTP %s: %s", self.name, status, detail)
         return status_error(status, "TF Serving", what, detail)
 
-    async def _get_json(self, url: str, what: str, timeout: float) -> Any:
-        status, raw, _ = await call(
-            self._http(), "GET", url, what="TF Serving", deadline=Deadline(timeout)
+    async def _get_json(self, target: str, what: str, timeout: float) -> Any:
+        reply = await call(
+            self._http(), "GET", target, what="TF Serving", deadline=Deadline(timeout)
         )
-        if status != 200:
-            raise self._http_error(status, raw, what)
-        return _loads(raw)
+        if reply.status != 200:
+            raise self._http_error(reply.status, reply.body, what)
+        return _loads(reply.body)
 
     # -- inference ------------------------------------------------------------------------
 
@@ -436,20 +436,20 @@ class TFServingBackend(Backend):
         what = _what(request.model, request.version)
         signature = str(request.parameters.get("signature_name") or DEFAULT_SIGNATURE)
         body = _predict_body(signature, request.inputs)
-        url = self._rest_path(request.model, request.version) + ":predict"
-        status, raw, _ = await call(
+        target = self._rest_path(request.model, request.version) + ":predict"
+        reply = await call(
             self._http(),
             "POST",
-            url,
+            target,
             what="TF Serving",
             deadline=deadline,
             body=body,
             headers={"Content-Type": "application/json"},
         )
-        if status != 200:
-            raise self._http_error(status, raw, what)
+        if reply.status != 200:
+            raise self._http_error(reply.status, reply.body, what)
         try:
-            doc = _loads(raw)
+            doc = _loads(reply.body)
             value = doc["outputs"]
         except (ValueError, KeyError, TypeError):
             raise UpstreamError(f"TF Serving answered {what} in an unexpected format") from None

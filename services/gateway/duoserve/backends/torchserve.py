@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call, status_error
+from duoserve.backends.http import HTTPPool, call, status_error
+from duoserve.backends.httpclient import HTTPClientError
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -72,8 +72,7 @@ class TorchServeBackend(Backend):
     def __init__(self, name: str, config: TorchServeBackendConfig) -> None:
         super().__init__(name)
         self.config = config
-        self.base = config.url.rstrip("/")
-        self._pool = SessionPool(config.max_concurrency, "TorchServe")
+        self._pool = HTTPPool(config.url, config.max_concurrency)
         self._token: str | None = None
         self._token_mtime = 0.0
         self._auth_header: dict[str, str] | None = None
@@ -104,12 +103,6 @@ class TorchServeBackend(Backend):
         self._auth_header = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         return self._auth_header
 
-    def _client(self) -> aiohttp.ClientSession:
-        return self._pool.get()
-
-    async def start(self) -> None:
-        self._client()
-
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
         body = orjson.dumps(
             {
@@ -129,18 +122,18 @@ class TorchServeBackend(Backend):
         if request.version:
             path += f"/{quote(request.version, safe='')}"
         headers = {"Content-Type": "application/json", **self._auth()}
-        status, raw, _ = await call(
-            self._client(),
+        reply = await call(
+            self._pool,
             "POST",
-            self.base + path,
+            path,
             what="TorchServe",
             deadline=deadline,
             body=body,
             headers=headers,
         )
-        if status != 200:
-            raise self._status_error(status, raw, request)
-        return self._decode(raw, request)
+        if reply.status != 200:
+            raise self._status_error(reply.status, reply.body, request)
+        return self._decode(reply.body, request)
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
         message = _message(raw)
@@ -191,14 +184,12 @@ class TorchServeBackend(Backend):
         """/ping is Healthy only while every registered model has its minimum workers.
         (TorchServe 0.12 wants the inference key on /ping too.)"""
         try:
-            async with self._client().get(
-                self.base + "/ping", headers=self._auth(), timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
-                if response.status != 200:
-                    return False
-                doc: Any = orjson.loads(await response.read())
-                return isinstance(doc, dict) and doc.get("status") == "Healthy"
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
+            reply = await self._pool.request("GET", "/ping", headers=self._auth(), timeout_s=2)
+            if reply.status != 200:
+                return False
+            doc: Any = orjson.loads(reply.body)
+            return isinstance(doc, dict) and doc.get("status") == "Healthy"
+        except (HTTPClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
             return False
 
     async def close(self) -> None:

@@ -9,12 +9,12 @@ import os
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import SessionPool, call, status_error
+from duoserve.backends.http import HTTPPool, call, status_error
+from duoserve.backends.httpclient import HTTPClientError
 from duoserve.config import V2BackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -41,22 +41,15 @@ class V2Backend(Backend):
     def __init__(self, name: str, config: V2BackendConfig) -> None:
         super().__init__(name)
         self.config = config
-        self.base = config.url.rstrip("/")
-        self._pool = SessionPool(config.max_concurrency, "Open Inference Protocol")
-
-    def _client(self) -> aiohttp.ClientSession:
-        return self._pool.get()
+        self._pool = HTTPPool(config.url, config.max_concurrency)
 
     def _headers(self) -> dict[str, str]:
         token = os.environ.get(self.config.token_env) if self.config.token_env else None
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _path(self, model: str, version: str | None) -> str:
-        path = f"{self.base}/v2/models/{quote(model, safe='')}"
+        path = f"/v2/models/{quote(model, safe='')}"
         return path + (f"/versions/{quote(version, safe='')}" if version else "")
-
-    async def start(self) -> None:
-        self._client()
 
     def encode(self, request: InferenceRequest) -> tuple[bytes, int]:
         """JSON header + binary tensors, and the header's length."""
@@ -89,8 +82,8 @@ class V2Backend(Backend):
             "Inference-Header-Content-Length": str(header_length),
             **self._headers(),
         }
-        status, raw, answer_headers = await call(
-            self._client(),
+        reply = await call(
+            self._pool,
             "POST",
             self._path(request.model, request.version) + "/infer",
             what="Open Inference Protocol",
@@ -98,9 +91,10 @@ class V2Backend(Backend):
             body=body,
             headers=headers,
         )
-        if status != 200:
-            raise self._status_error(status, raw, request)
-        return self._decode(raw, answer_headers.get("Inference-Header-Content-Length"), request)
+        if reply.status != 200:
+            raise self._status_error(reply.status, reply.body, request)
+        answer_split = reply.headers.get("inference-header-content-length")
+        return self._decode(reply.body, answer_split, request)
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
         try:
@@ -150,27 +144,23 @@ class V2Backend(Backend):
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
         try:
-            async with self._client().get(
-                self._path(model, version) + "/ready",
-                headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError, DuoServeError):
+            reply = await self._pool.request(
+                "GET", self._path(model, version) + "/ready", headers=self._headers(), timeout_s=2
+            )
+            return reply.status == 200
+        except (HTTPClientError, TimeoutError, DuoServeError):
             return False
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         try:
-            async with self._client().get(
-                self._path(model, version),
-                headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as response:
-                if response.status != 200:
-                    return {}
-                doc: dict[str, Any] = orjson.loads(await response.read())
-                return doc
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
+            reply = await self._pool.request(
+                "GET", self._path(model, version), headers=self._headers(), timeout_s=2
+            )
+            if reply.status != 200:
+                return {}
+            doc: dict[str, Any] = orjson.loads(reply.body)
+            return doc
+        except (HTTPClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
             return {}
 
     async def close(self) -> None:

@@ -3,17 +3,18 @@ inference path with its metrics and response headers, and protocol-shaped error 
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from duoserve.dataplane import CallContext, DataPlane, Served
 from duoserve.errors import (
@@ -81,9 +82,17 @@ def torchserve_error_json(error: DuoServeError) -> bytes:
     )
 
 
-def check_content_type(request: Request, accepted: tuple[str, ...]) -> None:
+def headers_of(request: Request) -> dict[str, str]:
+    """The request's headers as one plain dict (ASGI servers lowercase the names), built once
+    per request: cheaper than Starlette's Headers, which scans the list on every lookup."""
+    return {
+        name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]
+    }
+
+
+def check_content_type(headers: Mapping[str, str], accepted: tuple[str, ...]) -> None:
     """415 unless the body's media type is one the front door reads (absent means JSON)."""
-    raw = request.headers.get("content-type")
+    raw = headers.get("content-type")
     if not raw:
         return
     media = raw.split(";", 1)[0].strip().lower()
@@ -93,27 +102,34 @@ def check_content_type(request: Request, accepted: tuple[str, ...]) -> None:
         )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
     """The request body, at most ``limit`` bytes after decompression (413 beyond).
 
     Enforced for Content-Length and chunked bodies alike, and for gzip/deflate bodies after
-    inflating, so a small compressed bomb cannot become a huge buffer.
+    inflating, so a small compressed bomb cannot become a huge buffer. A client that leaves
+    while sending raises ClientDisconnect.
     """
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("Content-Length must be a whole number of bytes")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -130,8 +146,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return inflated
 
 
-def call_context(request: Request, protocol: str) -> CallContext:
-    headers = request.headers
+def call_context(headers: Mapping[str, str], protocol: str) -> CallContext:
     timeout = headers.get("x-duoserve-timeout-ms")
     timeout_ms: float | None = None
     if timeout is not None:
@@ -150,11 +165,12 @@ def call_context(request: Request, protocol: str) -> CallContext:
     )
 
 
-def request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id")
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's x-request-id when it is a sane token, else a new random one."""
+    given = headers.get("x-request-id")
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 async def serve_inference(
@@ -175,18 +191,19 @@ async def serve_inference(
     gateway = gateway_of(request)
     metrics = gateway.metrics
     started = time.perf_counter()
-    rid = request_id(request)
+    headers_in = headers_of(request)
+    rid = request_id(headers_in)
     child = metrics.child
     in_flight = child(metrics.in_flight, protocol)
     in_flight.inc()
     framework = backend = "none"
     metric_model = model_name if model_name in gateway.dataplane.models else "unknown"
     try:
-        check_content_type(request, accepted_types)
-        body = await read_body(request, gateway.max_body_bytes)
+        check_content_type(headers_in, accepted_types)
+        body = await read_body(request.receive, headers_in, gateway.max_body_bytes)
         child(metrics.request_size, protocol).observe(len(body))
         served, payload, extra_headers = await handle(
-            gateway, body, call_context(request, protocol)
+            gateway, body, call_context(headers_in, protocol)
         )
     except DuoServeError as error:
         status = error.status

@@ -429,10 +429,11 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 )
 async def compare(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
-    check_content_type(request, (JSON,))
-    body = await read_body(request, gateway.max_body_bytes)
+    headers = request.headers
+    check_content_type(headers, (JSON,))
+    body = await read_body(request.receive, headers, gateway.max_body_bytes)
     decoded = decode_v2_request(body, model, None, gateway.dataplane.model(model).config)
-    report = await gateway.dataplane.compare(model, decoded, call_context(request, "v2"))
+    report = await gateway.dataplane.compare(model, decoded, call_context(headers, "v2"))
     for entry in report["results"]:
         response = entry.pop("response", None)
         if response is not None:
@@ -445,4 +446,4 @@ async def compare(request: Request, model: str) -> Response:
                 }
                 for t, _ in select_outputs(response, decoded)
             ]
-    return json_response(report, headers={"x-request-id": request_id(request)})
+    return json_response(report, headers={"x-request-id": request_id(headers)})
