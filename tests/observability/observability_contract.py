@@ -19,9 +19,8 @@ from typing import Any
 
 import yaml
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
 
-from duoserve.metrics import Metrics
+from duoserve.metrics import LoopMetric, Metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
@@ -109,11 +108,8 @@ def gateway_metrics() -> dict[str, frozenset[str]]:
     """Every series name the gateway exports, with its labels, from a fresh Metrics()."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    # prometheus_client keeps label names on the metric object only (no public accessor).
     labels_of = {
-        m._name: frozenset(m._labelnames)
-        for m in vars(metrics).values()
-        if isinstance(m, MetricWrapperBase)
+        m.name: frozenset(m.labelnames) for m in vars(metrics).values() if isinstance(m, LoopMetric)
     }
     names: dict[str, frozenset[str]] = {}
     suffixes = {

@@ -175,9 +175,7 @@ async def test_cancelled_and_waiting_calls_leave_no_slot_behind() -> None:
 
     async with scripted(slow) as (server, url):
         pool = HTTPPool(url, 2)
-        calls = [
-            asyncio.ensure_future(pool.request("GET", "/", timeout_s=5)) for _ in range(6)
-        ]
+        calls = [asyncio.ensure_future(pool.request("GET", "/", timeout_s=5)) for _ in range(6)]
         await asyncio.sleep(0.05)
         for call in calls:
             call.cancel()

@@ -232,3 +232,56 @@ async def test_metrics_endpoint_openmetrics_when_asked(gateway: GatewayFactory) 
             line.startswith("duoserve_requests_total{") and 'model="digits-pytorch"' in line
             for line in lines
         )
+
+
+def _exposition(registry: Any, openmetrics: bool) -> list[str]:
+    from prometheus_client import exposition
+    from prometheus_client import openmetrics as om
+
+    text = (om.exposition.generate_latest if openmetrics else exposition.generate_latest)(registry)
+    # _created holds each child's creation time: equal in shape, not in value.
+    return [line for line in text.decode().splitlines() if "_created" not in line]
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_loop_metrics_expose_exactly_what_prometheus_client_does(openmetrics: bool) -> None:
+    """The gateway's lock-free metrics must look the same to Prometheus and the dashboards."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from duoserve.metrics import LATENCY_BUCKETS, LoopCounter, LoopGauge, LoopHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    pairs = [
+        (
+            Histogram("t_seconds", "Latency.", ["model"], buckets=LATENCY_BUCKETS, registry=theirs),
+            LoopHistogram("t_seconds", "Latency.", ["model"], ours, buckets=LATENCY_BUCKETS),
+        ),
+        (
+            Counter("t_requests", "Requests.", ["model", "code"], registry=theirs),
+            LoopCounter("t_requests", "Requests.", ["model", "code"], ours),
+        ),
+        (
+            Gauge("t_in_flight", "In flight.", ["protocol"], registry=theirs),
+            LoopGauge("t_in_flight", "In flight.", ["protocol"], ours),
+        ),
+    ]
+    rng = np.random.default_rng(0)
+    # Bucket edges exactly, below the first, beyond the last, and a spread in between.
+    samples = [*LATENCY_BUCKETS, 0.0, 1e-6, 11.0, *rng.exponential(0.01, 300).tolist()]
+    for metric in pairs[0]:
+        for i, value in enumerate(samples):
+            metric.labels("a" if i % 3 else "b").observe(value)
+    for metric in pairs[1]:
+        metric.labels("a", "200").inc()
+        metric.labels("a", "200").inc(4)
+        metric.labels("b", "503").inc(0)
+    for metric in pairs[2]:
+        metric.labels("v2").inc()
+        metric.labels("v2").inc(2)
+        metric.labels("v2").dec()
+        metric.labels("torchserve").set(7)
+    assert _exposition(ours, openmetrics) == _exposition(theirs, openmetrics)
+    with pytest.raises(ValueError):
+        pairs[1][1].labels("a", "200").inc(-1)
+    with pytest.raises(ValueError):
+        pairs[1][1].labels("only-one")

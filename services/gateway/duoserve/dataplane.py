@@ -219,7 +219,7 @@ class DataPlane:
                     guard.breaker.record_neutral()
                     self.metrics.shed.labels(model_name, "backend_concurrency").inc()
                     raise
-                in_flight = self.metrics.child(self.metrics.backend_in_flight, *labels)
+                in_flight = self.metrics.backend_in_flight.labels(*labels)
                 in_flight.inc()
                 started = time.perf_counter()
                 try:
@@ -258,8 +258,8 @@ class DataPlane:
                     in_flight.dec()
                     guard.limiter.release()
                 guard.breaker.record_success()
-                self.metrics.child(
-                    self.metrics.backend_duration, model_name, route.framework, route.backend_name
+                self.metrics.backend_duration.labels(
+                    model_name, route.framework, route.backend_name
                 ).observe(elapsed)
                 return Served(response, route, elapsed, attempt + 1)
         finally:

@@ -193,15 +193,14 @@ async def serve_inference(
     started = time.perf_counter()
     headers_in = headers_of(request)
     rid = request_id(headers_in)
-    child = metrics.child
-    in_flight = child(metrics.in_flight, protocol)
+    in_flight = metrics.in_flight.labels(protocol)
     in_flight.inc()
     framework = backend = "none"
     metric_model = model_name if model_name in gateway.dataplane.models else "unknown"
     try:
         check_content_type(headers_in, accepted_types)
         body = await read_body(request.receive, headers_in, gateway.max_body_bytes)
-        child(metrics.request_size, protocol).observe(len(body))
+        metrics.request_size.labels(protocol).observe(len(body))
         served, payload, extra_headers = await handle(
             gateway, body, call_context(headers_in, protocol)
         )
@@ -228,12 +227,12 @@ async def serve_inference(
             **extra_headers,
         }
         response = Response(payload, status_code=200, headers=headers)
-        child(metrics.items, metric_model, framework).inc(_rows(served))
+        metrics.items.labels(metric_model, framework).inc(_rows(served))
     finally:
         in_flight.dec()
-    child(metrics.response_size, protocol).observe(len(payload))
-    child(metrics.requests, metric_model, framework, backend, protocol, str(status)).inc()
-    child(metrics.request_duration, metric_model, framework, protocol).observe(
+    metrics.response_size.labels(protocol).observe(len(payload))
+    metrics.requests.labels(metric_model, framework, backend, protocol, str(status)).inc()
+    metrics.request_duration.labels(metric_model, framework, protocol).observe(
         time.perf_counter() - started
     )
     return response
