@@ -1,9 +1,15 @@
 """DuoServe vs a bare FastAPI + aiohttp proxy (bench/bare_proxy.py), both in front of the same
-real TorchServe, interleaved in one run: gateway CPU per request and throughput.
+backend, alternated in one run: gateway CPU per request, throughput and latency.
 
-    .venv/bin/python bench/floor.py          (or: make bench-floor)
+    .venv/bin/python bench/floor.py --backend stub         (what each proxy itself costs)
+    .venv/bin/python bench/floor.py --backend torchserve   (both sharing the CPUs with TorchServe)
+    make bench-floor                                       (both, one after the other)
+
+The stub backend (bench/stub_backend.py) answers at once and costs next to nothing, so the
+proxies' own CPU per request is measured without a model server competing for the two cores.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,61 +19,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.servers import REPO, Gateway, TorchServe, free_port, stop_group
+from tests.servers import REPO, Gateway, TorchServe, free_port, stop_group  # noqa: E402
 
-work = Path(tempfile.mkdtemp())
-ts = TorchServe(
-    work, REPO / "models/store/torchserve", {"digits": {"batchSize": 1, "maxBatchDelay": 1}}
-)
-ts.start()
-cfg = work / "models.yaml"
-cfg.write_text(
-    json.dumps(
-        {
-            "backends": {
-                "ts": {
-                    "kind": "torchserve",
-                    "url": ts.url,
-                    "token_file": str(ts.key_file),
-                    "max_concurrency": 64,
-                }
-            },
-            "models": {
-                "digits-pytorch": {
-                    "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}],
-                    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
-                    "routes": [{"backend": "ts", "framework": "pytorch", "model": "digits"}],
-                }
-            },
-        }
-    )
-)
-gw = Gateway(cfg, work)
-gw.start()
-port = free_port()
-bare = subprocess.Popen(
-    [
-        str(REPO / ".venv/bin/uvicorn"),
-        "bare_proxy:app",
-        "--app-dir",
-        str(REPO / "bench"),
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ],
-    env={**os.environ, "UPSTREAM": ts.url, "KEY": ts.inference_key()},
-    start_new_session=True,
-)
-time.sleep(3)
+DIGITS_IO = {
+    "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}],
+    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+}
 
 
-def bench(url, pid, label, conc):
+def bench(gateway: Gateway, url: str, pid: int, label: str, conc: str, seconds: str) -> None:
     cmd = [
         str(REPO / ".venv/bin/duoserve"),
         "bench",
@@ -77,7 +37,7 @@ def bench(url, pid, label, conc):
         "--concurrency",
         conc,
         "--duration",
-        "6",
+        seconds,
         "--warmup",
         "1",
         "--no-progress",
@@ -86,19 +46,99 @@ def bench(url, pid, label, conc):
         "--label",
         label,
         "--metadata-url",
-        gw.url,
+        gateway.url,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith(label)]
     print("\n".join(lines) or out.stdout[-800:] + out.stderr[-800:], flush=True)
 
 
-try:
-    for conc in ("1", "8"):
-        for _round in range(2):
-            bench(gw.url, gw.proc.pid, "duoserve", conc)
-            bench(f"http://127.0.0.1:{port}", bare.pid, "bare-proxy", conc)
-finally:
-    stop_group(bare)
-    gw.stop()
-    ts.stop()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["stub", "torchserve"], default="stub")
+    parser.add_argument("--concurrency", default="1,8", help="levels, e.g. 1,8,32")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", default="6", help="seconds per segment")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp())
+    stub = ts = None
+    if args.backend == "stub":
+        port = free_port()
+        stub = subprocess.Popen(
+            [sys.executable, str(REPO / "bench/stub_backend.py"), str(port)],
+            start_new_session=True,
+        )
+        upstream, key = f"http://127.0.0.1:{port}", "unused"
+        backend: dict[str, object] = {"kind": "torchserve", "url": upstream}
+    else:
+        ts = TorchServe(
+            work, REPO / "models/store/torchserve", {"digits": {"batchSize": 1, "maxBatchDelay": 1}}
+        )
+        ts.start()
+        upstream, key = ts.url, ts.inference_key()
+        backend = {"kind": "torchserve", "url": upstream, "token_file": str(ts.key_file)}
+    config = work / "models.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "backends": {"ts": {**backend, "max_concurrency": 64}},
+                "models": {
+                    "digits-pytorch": {
+                        **DIGITS_IO,
+                        "routes": [{"backend": "ts", "framework": "pytorch", "model": "digits"}],
+                    }
+                },
+            }
+        )
+    )
+    gateway = Gateway(config, work)
+    bare = None
+    try:
+        gateway.start()
+        assert gateway.proc is not None
+        bare_port = free_port()
+        bare = subprocess.Popen(
+            [
+                str(REPO / ".venv/bin/uvicorn"),
+                "bare_proxy:app",
+                "--app-dir",
+                str(REPO / "bench"),
+                "--port",
+                str(bare_port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env={**os.environ, "UPSTREAM": upstream, "KEY": key},
+            start_new_session=True,
+        )
+        time.sleep(3)
+        print(f"backend: {args.backend}", flush=True)
+        for conc in args.concurrency.split(","):
+            for _ in range(args.rounds):
+                bench(gateway, gateway.url, gateway.proc.pid, "duoserve", conc, args.duration)
+                bench(
+                    gateway,
+                    f"http://127.0.0.1:{bare_port}",
+                    bare.pid,
+                    "bare-proxy",
+                    conc,
+                    args.duration,
+                )
+    finally:
+        if bare is not None:
+            stop_group(bare)
+        gateway.stop()
+        if ts is not None:
+            ts.stop()
+        if stub is not None:
+            stop_group(stub)
+
+
+if __name__ == "__main__":
+    main()

@@ -225,10 +225,17 @@ def gateway_vs_direct(args: argparse.Namespace, work: Path, payload: Any) -> dic
                         "url": standin.rest_url,
                         "max_concurrency": 128,
                     },
+                    "tfserving-rest": {
+                        "kind": "tfserving",
+                        "protocol": "rest",
+                        "url": standin.rest_url,
+                        "max_concurrency": 128,
+                    },
                 },
                 {
                     f"{model}-pytorch": ("torchserve", "pytorch"),
                     f"{model}-tensorflow": ("tfserving", "tensorflow"),
+                    f"{model}-tensorflow-rest": ("tfserving-rest", "tensorflow"),
                 },
             )
         )
@@ -281,6 +288,21 @@ def gateway_vs_direct(args: argparse.Namespace, work: Path, payload: Any) -> dic
             **common,
         )
         sides.add(
+            "gateway->tfserving (rest)",
+            build_request(
+                target="gateway",
+                url=gateway.url,
+                model=f"{model}-tensorflow-rest",
+                payload=payload,
+                protocol="tfserving",
+            ),
+            gw_pid,
+            framework="tensorflow",
+            target="gateway",
+            protocol="tfserving",
+            **common,
+        )
+        sides.add(
             "direct tfserving rest",
             build_request(
                 target="tfserving-rest", url=standin.rest_url, model=model, payload=payload
@@ -314,7 +336,8 @@ def gateway_vs_direct(args: argparse.Namespace, work: Path, payload: Any) -> dic
             )
         pairs = [
             ("pytorch", "gateway->torchserve", "direct torchserve"),
-            ("tensorflow", "gateway->tfserving (grpc)", "direct tfserving rest"),
+            ("tensorflow (grpc)", "gateway->tfserving (grpc)", "direct tfserving rest"),
+            ("tensorflow (rest)", "gateway->tfserving (rest)", "direct tfserving rest"),
         ]
         return {"runs": runs, "comparison": comparisons(runs, pairs, args.levels)}
     finally:
@@ -466,6 +489,37 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def targets_table(comparison: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets against direct TorchServe, each with what this run measured."""
+    rows = {c["concurrency"]: c for c in comparison if c["framework"] == "pytorch"}
+    # (target, measured, limit, whether the measured value must stay at most the limit)
+    checks: list[tuple[str, float | None, float, bool]] = []
+    if 1 in rows:
+        checks.append(("added p50 at concurrency 1", rows[1]["added_p50_ms"], 0.6, True))
+        checks.append(("added p99 at concurrency 1", rows[1]["added_p99_ms"], 2.0, True))
+    for level in (8, 32):
+        if level in rows:
+            ratio = rows[level]["throughput_ratio"]
+            checks.append((f"throughput ratio at concurrency {level}", ratio, 0.95, False))
+    for level, row in sorted(rows.items()):
+        cpu = row["gateway_cpu_ms_per_request"]
+        checks.append((f"gateway CPU ms per request at concurrency {level}", cpu, 0.4, True))
+    lines = [
+        "Targets (pytorch: gateway -> TorchServe against TorchServe directly):",
+        "",
+        "| target | measured | met |",
+        "|---|---:|---|",
+    ]
+    for what, value, limit, at_most in checks:
+        bound = f"{'<=' if at_most else '>='} {limit:g}"
+        if value is None:
+            lines.append(f"| {what} {bound} | - | - |")
+            continue
+        met = value <= limit if at_most else value >= limit
+        lines.append(f"| {what} {bound} | {value:.2f} | {'yes' if met else 'no'} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -492,10 +546,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{c['gateway_rps']:.0f} | {c['throughput_ratio']:.2f} | "
             f"{_ms(c['gateway_cpu_ms_per_request'])} |"
         )
+    lines += ["", *targets_table(result["gateway_vs_direct"]["comparison"])]
     lines += [
         "",
         "Direct sides: TorchServe's own API for pytorch; the stand-in's TF Serving REST for "
-        "tensorflow (the gateway speaks gRPC to it). All runs:",
+        "tensorflow, which the gateway reaches over gRPC (`protocol: grpc`) or REST "
+        "(`protocol: rest`); clients always use TF Serving's REST API on the gateway. All runs:",
         "",
         "```",
         format_table(result["gateway_vs_direct"]["runs"]),

@@ -10,6 +10,8 @@ BENCH_ARGS ?=
 bench: setup models
 	$(PY) bench/reference.py --out bench-results --markdown BENCHMARKS.md $(BENCH_ARGS)
 
-# DuoServe vs a bare FastAPI + aiohttp proxy in front of the same TorchServe, interleaved.
+# DuoServe vs a bare FastAPI + aiohttp proxy, alternated: in front of a backend that costs
+# nothing (each proxy's own CPU), then in front of the same real TorchServe.
 bench-floor: setup models
-	$(PY) bench/floor.py
+	$(PY) bench/floor.py --backend stub
+	$(PY) bench/floor.py --backend torchserve

@@ -49,7 +49,7 @@ def decode_predictions(
     except orjson.JSONDecodeError as error:
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
     if isinstance(doc, dict) and "inputs" in doc:
-        return decode_v2_request(body, model_name, version, config), "tensors"
+        return decode_v2_request(body, model_name, version, config, parsed=doc), "tensors"
     specs = {spec.name: spec for spec in config.inputs}
     if isinstance(doc, dict):
         unknown = set(doc) - set(specs)

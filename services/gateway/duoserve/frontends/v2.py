@@ -78,8 +78,12 @@ def decode_v2_request(
     version: str | None,
     config: ModelConfig,
     header_length: str | None = None,
+    parsed: Any = None,
 ) -> InferenceRequest:
-    """A V2 infer body (JSON, or JSON + binary tensors) -> InferenceRequest."""
+    """A V2 infer body (JSON, or JSON + binary tensors) -> InferenceRequest.
+
+    ``parsed``: the JSON body already parsed by the caller (a JSON-only body), not parsed again.
+    """
     binary = memoryview(b"")
     json_part: bytes | memoryview = body
     if header_length is not None:
@@ -90,7 +94,7 @@ def decode_v2_request(
         split = int(header_length)
         view = memoryview(body)
         json_part, binary = view[:split], view[split:]
-    doc = _loads(json_part)
+    doc = _loads(json_part) if parsed is None or header_length is not None else parsed
     if not isinstance(doc, dict):
         raise BadRequest("the request body must be a JSON object with an 'inputs' list")
     inputs_doc = doc.get("inputs")
