@@ -13,6 +13,10 @@ Each request body may be (the answer takes the same form):
   (``id`` is echoed when given). This is what the DuoServe gateway sends.
 * named inputs ``{"pixels": <nested list>}`` -> ``{"probabilities": <nested list>}``
 * a bare nested list (the single input) -> a bare nested list.
+* the Open Inference Protocol's binary tensor extension: a JSON header whose input carries
+  ``parameters.binary_data_size`` followed by the tensor's raw little-endian bytes, with the
+  header's length in the ``Inference-Header-Content-Length`` request header -> the V2 JSON
+  answer. The gateway sends this: no JSON encoding or parsing of the input data on either side.
 
 A bad request gets HTTP 400 with ``{"code": 400, "type": "BadRequest", "message": "..."}``,
 per request, so one bad request in a server-side batch does not fail the others. All valid
@@ -101,7 +105,7 @@ class SignatureHandler:
         valid: list[tuple[int, np.ndarray, str, dict[str, Any]]] = []
         for idx, request in enumerate(requests):
             try:
-                array, style, extra = self._decode(request)
+                array, style, extra = self._decode(request, self._header_length(context, idx))
             except PredictionException as e:
                 answers[idx] = self._error(context, idx, e)
                 continue
@@ -119,11 +123,25 @@ class SignatureHandler:
 
     # -- request decoding ------------------------------------------------------------------
 
-    def _decode(self, request: Any) -> tuple[np.ndarray, str, dict[str, Any]]:
+    @staticmethod
+    def _header_length(context: Any, idx: int) -> str | None:
+        """The Inference-Header-Content-Length request header, whatever its case."""
+        if context is None or getattr(context, "request_processor", None) is None:
+            return None
+        for key, value in (context.get_all_request_header(idx) or {}).items():
+            if str(key).lower() == "inference-header-content-length":
+                return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+        return None
+
+    def _decode(
+        self, request: Any, header_length: str | None = None
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
         """(input array, body style, extra answer fields) of one request; 400 when unusable."""
         body = request.get("data") if isinstance(request, dict) else None
         if body is None and isinstance(request, dict):
             body = request.get("body")
+        if header_length is not None:
+            return self._decode_binary(body, header_length)
         if isinstance(body, (bytes, bytearray)):
             try:
                 body = body.decode("utf-8")
@@ -155,6 +173,45 @@ class SignatureHandler:
                 else f"missing input '{name}'"
             )
         return self._to_array(body[name], f"input '{name}'"), "named", {}
+
+    def _decode_binary(
+        self, body: Any, header_length: str
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
+        """A V2 body with the binary tensor extension: JSON header, then the raw bytes."""
+        if not isinstance(body, (bytes, bytearray)):
+            raise _bad_request("a binary tensor body must be sent as application/octet-stream")
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise _bad_request(
+                "Inference-Header-Content-Length must be the byte length of the JSON header"
+            )
+        split = int(header_length)
+        try:
+            header = json.loads(bytes(body[:split]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad_request(f"the JSON header is not valid JSON ({e})") from None
+        if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+            raise _bad_request("the JSON header needs an 'inputs' list")
+        raw = memoryview(body)[split:]
+        for tensor in header["inputs"]:
+            if not isinstance(tensor, dict):
+                raise _bad_request("each entry of 'inputs' must be an object")
+            size = (tensor.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                continue
+            if not isinstance(size, int) or size != len(raw):
+                raise _bad_request(
+                    f"binary_data_size {size} does not match the {len(raw)} bytes sent"
+                )
+            datatype = tensor.get("datatype")
+            if datatype not in NUMPY_DTYPES:
+                raise _bad_request(f"datatype {datatype!r} cannot be sent as binary here")
+            itemsize = np.dtype(NUMPY_DTYPES[datatype]).itemsize
+            if size % itemsize:
+                raise _bad_request(f"{size} bytes are not a whole number of {datatype} values")
+            # Little-endian on the wire (the extension's rule), whatever this machine is.
+            dtype = np.dtype(NUMPY_DTYPES[datatype]).newbyteorder("<")
+            tensor["data"] = np.frombuffer(raw, dtype=dtype).astype(NUMPY_DTYPES[datatype])
+        return self._decode_v2(header)
 
     def _decode_v2(self, body: dict[str, Any]) -> tuple[np.ndarray, str, dict[str, Any]]:
         name = self.input_spec["name"]

@@ -19,6 +19,7 @@ ROUTES = {
     "embedded-pytorch": {"backend": "local", "framework": "pytorch", "model": "digits"},
     "embedded-tensorflow": {"backend": "local", "framework": "tensorflow", "model": "digits"},
     "torchserve": {"backend": "torchserve", "framework": "pytorch", "model": "digits"},
+    "torchserve-json": {"backend": "torchserve-json", "framework": "pytorch", "model": "digits"},
     "tfserving-grpc": {"backend": "tfs-grpc", "framework": "tensorflow", "model": "digits"},
     "tfserving-rest": {"backend": "tfs-rest", "framework": "tensorflow", "model": "digits"},
     "v2": {"backend": "v2", "framework": "pytorch", "model": "digits-pytorch"},
@@ -34,6 +35,13 @@ def matrix_config(torchserve: Any, tfserving: Any, v2_server: Any, model_store: 
                 "kind": "torchserve",
                 "url": torchserve.url,
                 "token_file": str(torchserve.key_file),
+            },
+            # Inputs as JSON lists instead of the binary tensor extension (the default).
+            "torchserve-json": {
+                "kind": "torchserve",
+                "url": torchserve.url,
+                "token_file": str(torchserve.key_file),
+                "binary_tensors": False,
             },
             "tfs-grpc": {"kind": "tfserving", "protocol": "grpc", "grpc": tfserving.grpc_address},
             "tfs-rest": {"kind": "tfserving", "protocol": "rest", "url": tfserving.rest_url},

@@ -175,3 +175,59 @@ def test_handler_follows_another_signature(
     np.testing.assert_allclose(np.asarray(answer["logits"]), expected, atol=1e-5)
     [(status, answer)] = call(resnet_handler, {"images": images[:1, :16].tolist()})
     assert status == 400 and "the model takes [n, 32, 32, 3]" in answer["message"]
+
+
+def call_binary(handler: Any, body: bytes, header_length: str) -> tuple[int, Any]:
+    """One request as TorchServe hands over an application/octet-stream body and its headers."""
+    context = Context("digits", "", {}, 1, None, "0.12.0")
+    context.request_processor = [
+        RequestProcessor(
+            {"body": {"content-type": "application/octet-stream"},
+             "Inference-Header-Content-Length": header_length}
+        )
+    ]  # fmt: skip
+    [answer] = handler.handle([{"body": bytearray(body)}], context)
+    return context.get_response_status(0)[0], json.loads(answer)
+
+
+def binary(x: np.ndarray, size: int | None = None) -> tuple[bytes, str]:
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps(
+        {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32",
+                     "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+    ).encode()  # fmt: skip
+    return header + raw, str(len(header))
+
+
+def test_binary_tensor_body_answers_like_json(handler: Any, samples: Any) -> None:
+    x, y = samples
+    body, length = binary(x)
+    status, answer = call_binary(handler, body, length)
+    assert status == 200
+    [(json_status, from_json)] = call(
+        handler,
+        json.dumps({"inputs": [{"name": "pixels", "shape": [5, 8, 8], "datatype": "FP32",
+                                "data": x.reshape(-1).tolist()}]}).encode(),
+    )  # fmt: skip
+    assert json_status == 200
+    assert answer == from_json
+    probabilities = np.asarray(answer["outputs"][0]["data"]).reshape(5, 10)
+    assert (probabilities.argmax(axis=1) == y).mean() >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda body, length: (body, "x"), "Inference-Header-Content-Length"),
+        (lambda body, length: (body, str(len(body) + 1)), "Inference-Header-Content-Length"),
+        (lambda body, length: (body[:-4], length), "does not match"),
+        (lambda body, length: (b"[" + body[1:], length), "not valid JSON"),
+    ],
+)
+def test_bad_binary_bodies_get_400_naming_the_problem(
+    handler: Any, samples: Any, mangle: Any, message: str
+) -> None:
+    body, length = mangle(*binary(samples[0][:1]))
+    status, answer = call_binary(handler, body, length)
+    assert status == 400
+    assert message in answer["message"]

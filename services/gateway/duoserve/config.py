@@ -52,6 +52,10 @@ class TorchServeBackendConfig(_BackendBase):
     """Name of an environment variable holding the inference key."""
     metrics_url: str | None = None
     """Optional TorchServe metrics endpoint, used only for readiness probing."""
+    binary_tensors: bool = True
+    """Send input tensors with the binary tensor extension (raw bytes after a JSON header)
+    instead of JSON lists. Needs services/torchserve/handler.py as built now; false for an
+    archive whose handler reads JSON only."""
 
 
 class TFServingBackendConfig(_BackendBase):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from duoserve.errors import BadRequest
 
@@ -280,3 +281,25 @@ def binary_bytes(array: np.ndarray) -> bytes:
             parts.append(data)
         return b"".join(parts)
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def binary_request(inputs: list[Tensor], **fields: Any) -> tuple[bytes, int]:
+    """A V2 request with the binary tensor extension: the JSON header (``inputs`` with their
+    ``binary_data_size``, plus ``fields``), then each input's raw little-endian bytes.
+    Returns the body and the header's length (for ``Inference-Header-Content-Length``)."""
+    blobs = [binary_bytes(t.data) for t in inputs]
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": t.name,
+                    "shape": t.shape,
+                    "datatype": t.datatype,
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+                for t, blob in zip(inputs, blobs, strict=True)
+            ],
+            **fields,
+        }
+    )
+    return b"".join([header, *blobs]), len(header)

@@ -32,7 +32,13 @@ from duoserve.errors import (
     UpstreamError,
 )
 from duoserve.resilience import Deadline
-from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
+from duoserve.tensors import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    binary_request,
+    numpy_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,24 @@ def _message(raw: bytes) -> str:
         text = raw.decode("utf-8", "replace")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first[:300]
+
+
+def json_body(request: InferenceRequest) -> bytes:
+    """The V2-style JSON body the handler reads: data as flat lists."""
+    return orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": t.name,
+                    "shape": t.shape,
+                    "datatype": t.datatype,
+                    "data": np.ascontiguousarray(t.data.ravel()),
+                }
+                for t in request.inputs
+            ]
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
 
 
 class TorchServeBackend(Backend):
@@ -104,24 +128,19 @@ class TorchServeBackend(Backend):
         return self._auth_header
 
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        body = orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": t.name,
-                        "shape": t.shape,
-                        "datatype": t.datatype,
-                        "data": np.ascontiguousarray(t.data.ravel()),
-                    }
-                    for t in request.inputs
-                ]
-            },
-            option=orjson.OPT_SERIALIZE_NUMPY,
-        )
+        if self.config.binary_tensors and all(t.datatype != "BYTES" for t in request.inputs):
+            body, header_length = binary_request(request.inputs)
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(header_length),
+                **self._auth(),
+            }
+        else:
+            body = json_body(request)
+            headers = {"Content-Type": "application/json", **self._auth()}
         path = f"/predictions/{quote(request.model, safe='')}"
         if request.version:
             path += f"/{quote(request.version, safe='')}"
-        headers = {"Content-Type": "application/json", **self._auth()}
         reply = await call(
             self._pool,
             "POST",

@@ -25,7 +25,7 @@ from duoserve.tensors import (
     InferenceRequest,
     InferenceResponse,
     Tensor,
-    binary_bytes,
+    binary_request,
     numpy_dtype,
     split_bytes_elements,
 )
@@ -53,27 +53,14 @@ class V2Backend(Backend):
 
     def encode(self, request: InferenceRequest) -> tuple[bytes, int]:
         """JSON header + binary tensors, and the header's length."""
-        blobs = [binary_bytes(t.data) for t in request.inputs]
-        doc: dict[str, Any] = {
-            "inputs": [
-                {
-                    "name": t.name,
-                    "shape": t.shape,
-                    "datatype": t.datatype,
-                    "parameters": {"binary_data_size": len(blob)},
-                }
-                for t, blob in zip(request.inputs, blobs, strict=True)
-            ],
-            "parameters": {"binary_data_output": True},
-        }
+        fields: dict[str, Any] = {"parameters": {"binary_data_output": True}}
         if request.id is not None:
-            doc["id"] = request.id
+            fields["id"] = request.id
         if request.outputs:
-            doc["outputs"] = [
+            fields["outputs"] = [
                 {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
             ]
-        header = orjson.dumps(doc)
-        return b"".join([header, *blobs]), len(header)
+        return binary_request(request.inputs, **fields)
 
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
         body, header_length = self.encode(request)
