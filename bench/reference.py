@@ -245,85 +245,34 @@ def gateway_vs_direct(args: argparse.Namespace, work: Path, payload: Any) -> dic
         gw_pid, ts_pid, tfs_pid = gateway.proc.pid, torchserve.proc.pid, standin.pid
         token = torchserve.inference_key()
         sides = Sides()
-        common = {"model": model}
-        sides.add(
-            "gateway->torchserve",
-            build_request(
-                target="gateway",
-                url=gateway.url,
-                model=f"{model}-pytorch",
+        # (label, target, URL, model on the target, client protocol, framework, reported pid)
+        table = [
+            ("gateway->torchserve", "gateway", gateway.url, f"{model}-pytorch", "torchserve",
+             "pytorch", gw_pid),
+            ("direct torchserve", "torchserve", torchserve.url, model, "torchserve",
+             "pytorch", ts_pid),
+            ("gateway->tfserving (grpc)", "gateway", gateway.url, f"{model}-tensorflow",
+             "tfserving", "tensorflow", gw_pid),
+            ("gateway->tfserving (rest)", "gateway", gateway.url, f"{model}-tensorflow-rest",
+             "tfserving", "tensorflow", gw_pid),
+            ("direct tfserving rest", "tfserving-rest", standin.rest_url, model, "tfserving",
+             "tensorflow", tfs_pid),
+            ("direct tfserving grpc", "tfserving-grpc", standin.grpc_address, model, "grpc",
+             "tensorflow", tfs_pid),
+        ]  # fmt: skip
+        for label, target, url, target_model, protocol, framework, pid in table:
+            spec = build_request(
+                target=target,
+                url=url,
+                model=target_model,
                 payload=payload,
-                protocol="torchserve",
-            ),
-            gw_pid,
-            framework="pytorch",
-            target="gateway",
-            protocol="torchserve",
-            **common,
-        )
-        sides.add(
-            "direct torchserve",
-            build_request(
-                target="torchserve", url=torchserve.url, model=model, payload=payload, token=token
-            ),
-            ts_pid,
-            framework="pytorch",
-            target="torchserve",
-            protocol="torchserve",
-            **common,
-        )
-        sides.add(
-            "gateway->tfserving (grpc)",
-            build_request(
-                target="gateway",
-                url=gateway.url,
-                model=f"{model}-tensorflow",
-                payload=payload,
-                protocol="tfserving",
-            ),
-            gw_pid,
-            framework="tensorflow",
-            target="gateway",
-            protocol="tfserving",
-            **common,
-        )
-        sides.add(
-            "gateway->tfserving (rest)",
-            build_request(
-                target="gateway",
-                url=gateway.url,
-                model=f"{model}-tensorflow-rest",
-                payload=payload,
-                protocol="tfserving",
-            ),
-            gw_pid,
-            framework="tensorflow",
-            target="gateway",
-            protocol="tfserving",
-            **common,
-        )
-        sides.add(
-            "direct tfserving rest",
-            build_request(
-                target="tfserving-rest", url=standin.rest_url, model=model, payload=payload
-            ),
-            tfs_pid,
-            framework="tensorflow",
-            target="tfserving-rest",
-            protocol="tfserving",
-            **common,
-        )
-        sides.add(
-            "direct tfserving grpc",
-            build_request(
-                target="tfserving-grpc", url=standin.grpc_address, model=model, payload=payload
-            ),
-            tfs_pid,
-            framework="tensorflow",
-            target="tfserving-grpc",
-            protocol="grpc",
-            **common,
-        )
+                # the gateway's front door; a server called directly speaks its own protocol
+                protocol=protocol if target == "gateway" else "v2",
+                token=token if target == "torchserve" else None,
+            )
+            sides.add(
+                label, spec, pid, framework=framework, target=target, protocol=protocol, model=model
+            )
         with LoadGenerator(args.processes) as generator:
             runs = interleaved(
                 generator,
