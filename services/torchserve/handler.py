@@ -180,7 +180,9 @@ class SignatureHandler:
         """A V2 body with the binary tensor extension: JSON header, then the raw bytes."""
         if not isinstance(body, (bytes, bytearray)):
             raise _bad_request("a binary tensor body must be sent as application/octet-stream")
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(
+            body
+        ):
             raise _bad_request(
                 "Inference-Header-Content-Length must be the byte length of the JSON header"
             )
@@ -192,16 +194,17 @@ class SignatureHandler:
         if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
             raise _bad_request("the JSON header needs an 'inputs' list")
         raw = memoryview(body)[split:]
+        offset = 0
         for tensor in header["inputs"]:
             if not isinstance(tensor, dict):
                 raise _bad_request("each entry of 'inputs' must be an object")
             size = (tensor.get("parameters") or {}).get("binary_data_size")
             if size is None:
                 continue
-            if not isinstance(size, int) or size != len(raw):
-                raise _bad_request(
-                    f"binary_data_size {size} does not match the {len(raw)} bytes sent"
-                )
+            if not isinstance(size, int) or size < 0 or offset + size > len(raw):
+                raise _bad_request(f"binary_data_size {size} runs past the {len(raw)} bytes sent")
+            chunk = raw[offset : offset + size]
+            offset += size
             datatype = tensor.get("datatype")
             if datatype not in NUMPY_DTYPES:
                 raise _bad_request(f"datatype {datatype!r} cannot be sent as binary here")
@@ -210,7 +213,11 @@ class SignatureHandler:
                 raise _bad_request(f"{size} bytes are not a whole number of {datatype} values")
             # Little-endian on the wire (the extension's rule), whatever this machine is.
             dtype = np.dtype(NUMPY_DTYPES[datatype]).newbyteorder("<")
-            tensor["data"] = np.frombuffer(raw, dtype=dtype).astype(NUMPY_DTYPES[datatype])
+            tensor["data"] = np.frombuffer(chunk, dtype=dtype).astype(
+                NUMPY_DTYPES[datatype], copy=False
+            )
+        if offset != len(raw):
+            raise _bad_request(f"{len(raw) - offset} bytes of binary data no input claims")
         return self._decode_v2(header)
 
     def _decode_v2(self, body: dict[str, Any]) -> tuple[np.ndarray, str, dict[str, Any]]:

@@ -5,6 +5,8 @@ without poisoning the next one."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -59,6 +61,14 @@ class Scripted:
                 if asyncio.iscoroutine(answer):
                     answer = await answer
                 if answer is None:
+                    return
+                if isinstance(answer, tuple):  # (bytes, "reset"): write, then reset the TCP
+                    writer.write(answer[0])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
                     return
                 writer.write(answer)  # type: ignore[arg-type]
                 await writer.drain()
@@ -235,4 +245,40 @@ async def test_idle_connections_past_keepalive_are_not_reused() -> None:
         await asyncio.sleep(0.1)
         await pool.request("GET", "/", timeout_s=2)
         assert server.connections == 2
+        await pool.close()
+
+
+async def test_a_reset_cuts_an_eof_delimited_answer_short_and_is_not_a_success() -> None:
+    def answer(*args: object) -> tuple[bytes, str]:
+        return (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it", "reset")
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        with pytest.raises(ConnectionLostError):
+            await pool.request("GET", "/", timeout_s=2)
+        await pool.close()
+
+
+async def test_bytes_beyond_the_declared_answer_retire_the_connection() -> None:
+    # A backend that writes two answers for one request: the second must never be read as
+    # the answer to the next request.
+    def answer(method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        return ok(target.encode()) + ok(b"stray")
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        assert (await pool.request("GET", "/one", timeout_s=2)).body == b"/one"
+        assert (await pool.request("GET", "/two", timeout_s=2)).body == b"/two"
+        assert server.connections == 2
+        await pool.close()
+
+
+async def test_endless_headers_are_refused() -> None:
+    def answer(*args: object) -> bytes:
+        return b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"y" * 70_000 + b"\r\n\r\n"
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        with pytest.raises(ProtocolError, match="headers"):
+            await pool.request("GET", "/", timeout_s=2)
         await pool.close()

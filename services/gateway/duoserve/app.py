@@ -162,7 +162,11 @@ class Dispatch:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        found = self.match(scope["path"]) if scope["method"] == "POST" else None
+        path: str = scope["path"]
+        root = scope.get("root_path")
+        if root and path.startswith(root):  # as Starlette matches: below the root path
+            path = path[len(root) :]
+        found = self.match(path) if scope["method"] == "POST" else None
         if found is None:
             await self.app.fastapi(scope, receive, send)
             return

@@ -56,6 +56,10 @@ async def call(
         raise Unavailable(f"the {what} backend is shut down", reason="closed") from error
     except ProtocolError as error:
         raise UpstreamError(f"the {what} backend's answer was unreadable ({error})") from error
+    except ValueError as error:  # a header that cannot be sent (line break, not latin-1)
+        raise UpstreamError(
+            f"the gateway cannot send this {what} call: a configured header or token is invalid"
+        ) from error
 
 
 def status_error(status: int, server: str, what: str, detail: str = "") -> DuoServeError:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httptools
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one answer
 
 
 class HTTPClientError(Exception):
@@ -80,6 +81,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._headers_done = False
         self._delimited = False  # Content-Length or chunked: the end is known without EOF
+        self._head_bytes = 0
+        self._read_before_body = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -91,12 +94,20 @@ class _Connection(asyncio.Protocol):
         if self.waiter is None or self.waiter.done():
             self.close()  # bytes nobody asked for: this connection cannot be trusted again
             return
+        if not self._headers_done:
+            # Backstop for a header line that never ends (on_header sees only whole ones).
+            self._read_before_body += len(data)
+            if self._read_before_body > MAX_HEAD_BYTES + self.max_body:
+                self._fail(ProtocolError("the answer's headers never end"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
             # httptools wraps a callback's exception in its own (HttpParserCallbackError).
             if isinstance(error.__context__, _BodyTooLarge):
                 self._fail(ProtocolError(f"the answer is larger than {self.max_body} bytes"))
+            elif isinstance(error.__context__, _HeadTooLarge):
+                self._fail(ProtocolError(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes"))
             else:
                 self._fail(ProtocolError(f"the answer is not valid HTTP: {error}"))
 
@@ -105,14 +116,24 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        if self._headers_done and not self._delimited and not self._bodiless():
+        if exc is None and self._headers_done and not self._delimited and not self._bodiless():
             self._complete()  # an answer delimited by the server closing the connection
         else:
             waiter.set_exception(ConnectionLostError("the server closed the connection"))
 
     # -- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.waiter is None or self.waiter.done():
+            # A second answer in the same read (a backend that wrote more than it declared):
+            # whatever follows cannot be matched to a request, so the connection is not reused.
+            self.keep_alive = False
+            self.closed = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = text
@@ -148,6 +169,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._headers_done = False
         self._delimited = False
+        self._head_bytes = 0
+        self._read_before_body = 0
 
     def _complete(self) -> None:
         waiter = self.waiter
@@ -164,11 +187,17 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def send(self, data: list[bytes]) -> asyncio.Future[Reply]:
-        assert self.transport is not None
         self.keep_alive = False
         self._reset()
         self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.writelines(data)
+        if not self.usable():
+            self.waiter.set_exception(ConnectionLostError("the connection was already closed"))
+            return self.waiter
+        assert self.transport is not None
+        try:
+            self.transport.writelines(data)
+        except (OSError, RuntimeError) as error:  # uvloop raises on a transport just closed
+            self.waiter.set_exception(ConnectionLostError(f"the write failed ({error})"))
         return self.waiter
 
     def usable(self) -> bool:
@@ -181,6 +210,10 @@ class _Connection(asyncio.Protocol):
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _HeadTooLarge(Exception):
     pass
 
 
@@ -215,7 +248,7 @@ class HTTPPool:
         self.max_response_bytes = max_response_bytes
         self._idle: list[_Connection] = []
         self._open = 0  # connections open or opening, idle included
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._closed = False
 
     @property
@@ -275,17 +308,27 @@ class HTTPPool:
                     self._open -= 1
                     self._wake()
                     raise
-            waiter = asyncio.get_running_loop().create_future()
+            # At the limit: wait for a released connection, handed over directly (first come,
+            # first served), or for a slot to open one (None).
+            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                handed = await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
-                    self._wake()  # we were woken but leave: pass the turn on
+                    given = waiter.result()
+                    if given is not None:
+                        self._release(given, True)  # not ours after all: to the next in line
+                    else:
+                        self._wake()  # we were woken but leave: pass the turn on
                 raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+            if handed is not None:
+                if handed.usable():
+                    return handed
+                self._discard(handed)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -308,16 +351,22 @@ class HTTPPool:
         if reusable and not self._closed and conn.usable():
             conn.waiter = None
             conn.idle_since = time.monotonic()
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)
+                    return
             self._idle.append(conn)
         else:
             self._discard(conn)
-        self._wake()
+            self._wake()
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
         self._open -= 1
 
     def _wake(self) -> None:
+        """Let the first waiter open a connection (one was closed, or a connect failed)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

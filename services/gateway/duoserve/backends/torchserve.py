@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import HTTPPool, call, status_error
+from duoserve.backends.http import HTTPPool, Reply, call, status_error
 from duoserve.backends.httpclient import HTTPClientError
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
@@ -70,6 +70,12 @@ def _message(raw: bytes) -> str:
     return first[:300]
 
 
+# What a handler that reads JSON only answers to a binary body: "request body is not UTF-8
+# text; send JSON" or "... is not valid JSON (...); send JSON" (DuoServe's handler before it
+# read the binary extension).
+_JSON_ONLY_HANDLER = b"; send JSON"
+
+
 def json_body(request: InferenceRequest) -> bytes:
     """The V2-style JSON body the handler reads: data as flat lists."""
     return orjson.dumps(
@@ -97,6 +103,7 @@ class TorchServeBackend(Backend):
         super().__init__(name)
         self.config = config
         self._pool = HTTPPool(config.url, config.max_concurrency)
+        self._binary = config.binary_tensors
         self._token: str | None = None
         self._token_mtime = 0.0
         self._auth_header: dict[str, str] | None = None
@@ -128,7 +135,29 @@ class TorchServeBackend(Backend):
         return self._auth_header
 
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        if self.config.binary_tensors and all(t.datatype != "BYTES" for t in request.inputs):
+        path = f"/predictions/{quote(request.model, safe='')}"
+        if request.version:
+            path += f"/{quote(request.version, safe='')}"
+        binary = self._binary and all(t.datatype != "BYTES" for t in request.inputs)
+        reply = await self._post(path, request, deadline, binary)
+        if binary and reply.status == 400 and _JSON_ONLY_HANDLER in reply.body:
+            # An archive built with a handler that reads JSON only (e.g. mid rolling upgrade):
+            # it refused the bytes before running anything. JSON from now on for this backend.
+            log.warning(
+                "backend %s: TorchServe's handler reads JSON only; sending JSON from now on "
+                "(rebuild the archive with services/torchserve/handler.py for binary tensors)",
+                self.name,
+            )
+            self._binary = False
+            reply = await self._post(path, request, deadline, False)
+        if reply.status != 200:
+            raise self._status_error(reply.status, reply.body, request)
+        return self._decode(reply.body, request)
+
+    async def _post(
+        self, path: str, request: InferenceRequest, deadline: Deadline, binary: bool
+    ) -> Reply:
+        if binary:
             body, header_length = binary_request(request.inputs)
             headers = {
                 "Content-Type": "application/octet-stream",
@@ -138,10 +167,7 @@ class TorchServeBackend(Backend):
         else:
             body = json_body(request)
             headers = {"Content-Type": "application/json", **self._auth()}
-        path = f"/predictions/{quote(request.model, safe='')}"
-        if request.version:
-            path += f"/{quote(request.version, safe='')}"
-        reply = await call(
+        return await call(
             self._pool,
             "POST",
             path,
@@ -150,9 +176,6 @@ class TorchServeBackend(Backend):
             body=body,
             headers=headers,
         )
-        if reply.status != 200:
-            raise self._status_error(reply.status, reply.body, request)
-        return self._decode(reply.body, request)
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:
         message = _message(raw)

@@ -44,7 +44,8 @@ class V2Backend(Backend):
         self._pool = HTTPPool(config.url, config.max_concurrency)
 
     def _headers(self) -> dict[str, str]:
-        token = os.environ.get(self.config.token_env) if self.config.token_env else None
+        token = os.environ.get(self.config.token_env, "") if self.config.token_env else ""
+        token = token.strip()  # a secret mounted from a file often ends in a newline
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _path(self, model: str, version: str | None) -> str:

@@ -111,7 +111,7 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
     """
     declared = headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a whole number of bytes")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
