@@ -10,21 +10,23 @@ proxies' own CPU per request is measured without a model server competing for th
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.servers import REPO, Gateway, TorchServe, free_port, stop_group  # noqa: E402
-
-DIGITS_IO = {
-    "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}],
-    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
-}
+from bench.reference import model_yaml  # noqa: E402
+from tests.servers import (  # noqa: E402
+    REPO,
+    Gateway,
+    TorchServe,
+    free_port,
+    http_get,
+    stop_group,
+    wait_until,
+)
 
 
 def bench(gateway: Gateway, url: str, pid: int, label: str, conc: str, seconds: str) -> None:
@@ -80,16 +82,10 @@ def main() -> None:
         backend = {"kind": "torchserve", "url": upstream, "token_file": str(ts.key_file)}
     config = work / "models.yaml"
     config.write_text(
-        json.dumps(
-            {
-                "backends": {"ts": {**backend, "max_concurrency": 64}},
-                "models": {
-                    "digits-pytorch": {
-                        **DIGITS_IO,
-                        "routes": [{"backend": "ts", "framework": "pytorch", "model": "digits"}],
-                    }
-                },
-            }
+        model_yaml(
+            "digits",
+            {"ts": {**backend, "max_concurrency": 64}},
+            {"digits-pytorch": ("ts", "pytorch")},
         )
     )
     gateway = Gateway(config, work)
@@ -117,14 +113,15 @@ def main() -> None:
             env={**os.environ, "UPSTREAM": upstream, "KEY": key},
             start_new_session=True,
         )
-        time.sleep(3)
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        wait_until(lambda: http_get(bare_url + "/docs")[0] == 200, 30, "the bare proxy", bare)
         print(f"backend: {args.backend}", flush=True)
         for conc in args.concurrency.split(","):
             for _ in range(args.rounds):
                 bench(gateway, gateway.url, gateway.proc.pid, "duoserve", conc, args.duration)
                 bench(
                     gateway,
-                    f"http://127.0.0.1:{bare_port}",
+                    bare_url,
                     bare.pid,
                     "bare-proxy",
                     conc,

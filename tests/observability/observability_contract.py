@@ -6,6 +6,7 @@ the live ones (every query returns data from a real Prometheus scraping real ser
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import re
@@ -164,14 +165,19 @@ def external_sources() -> dict[str, frozenset[str]]:
 # --- rules -------------------------------------------------------------------------------
 
 
+@cache
+def _all_rules() -> tuple[dict[str, Any], ...]:
+    """Every rule of the rule files, parsed once (panel checks look rules up many times)."""
+    return tuple(
+        rule
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+        for rule in group["rules"]
+    )
+
+
 def _rules(kind: str) -> dict[str, str]:
-    rules: dict[str, str] = {}
-    for path in RULE_FILES:
-        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
-            for rule in group["rules"]:
-                if kind in rule:
-                    rules[rule[kind]] = " ".join(rule["expr"].split())
-    return rules
+    return {rule[kind]: " ".join(rule["expr"].split()) for rule in _all_rules() if kind in rule}
 
 
 def recording_rules() -> dict[str, str]:
@@ -185,11 +191,7 @@ def alert_rules() -> dict[str, str]:
 
 
 def alert_rule_bodies() -> list[dict[str, Any]]:
-    bodies = []
-    for path in RULE_FILES:
-        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
-            bodies.extend(rule for rule in group["rules"] if "alert" in rule)
-    return bodies
+    return [copy.deepcopy(rule) for rule in _all_rules() if "alert" in rule]
 
 
 # --- PromQL --------------------------------------------------------------------------------

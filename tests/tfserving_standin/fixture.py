@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.servers import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 MONITORING_CONFIG = REPO / "services" / "tfserving" / "monitoring.config"
 BATCHING_CONFIG = REPO / "services" / "tfserving" / "batching.config"
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the OS picks it; a race with other binders is unlikely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -187,21 +187,6 @@ class Dispatch:
         await response(scope, receive, send)
 
 
-def _tune_resilience(dataplane: DataPlane, config: GatewayConfig, settings: Settings) -> None:
-    """Breaker and retry-budget parameters from settings; a backend's own
-    ``circuit_failure_threshold`` / ``circuit_reset_ms`` in models.yaml win when the schema
-    has them."""
-    for name, guard in dataplane.guards.items():
-        backend = config.backends[name]
-        guard.breaker.threshold = (
-            getattr(backend, "circuit_failure_threshold", None)
-            or settings.circuit_failure_threshold
-        )
-        reset_ms = getattr(backend, "circuit_reset_ms", None)
-        guard.breaker.reset_s = reset_ms / 1000 if reset_ms else settings.circuit_reset_s
-    dataplane.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -218,8 +203,14 @@ def create_app(
     metrics = Metrics(registry)
     if backends is None:
         backends = build_backends(config, config_path.resolve().parent)
-    dataplane = DataPlane(config, backends, metrics, settings.default_timeout_ms)
-    _tune_resilience(dataplane, config, settings)
+    dataplane = DataPlane(
+        config,
+        backends,
+        metrics,
+        circuit_failure_threshold=settings.circuit_failure_threshold,
+        circuit_reset_s=settings.circuit_reset_s,
+        retry_budget=RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min),
+    )
     # Read at build time so a bad keys file stops the gateway before it listens.
     keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
     drain = Drain(settings.drain_delay_s)

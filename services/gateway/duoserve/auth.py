@@ -136,9 +136,6 @@ class KeyRing:
                 bucket=bucket,
             )
 
-    def __len__(self) -> int:
-        return len(self._by_digest)
-
     def find(self, presented: str) -> APIKey | None:
         digest = hash_key(presented)
         key = self._by_digest.get(digest)

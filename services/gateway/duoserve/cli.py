@@ -152,12 +152,6 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from duoserve.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -205,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="load generator; `duoserve bench --help`", add_help=False
     )
+    # Listed for --help only: main() hands `bench` and its own options to duoserve.bench.
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -7,6 +7,7 @@ A bad file fails fast with the dotted path of every offending key, e.g.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -166,6 +167,15 @@ class ModelConfig(_Strict):
     version_labels: dict[str, str] = Field(default_factory=dict)
     """TF Serving version labels (e.g. stable: "1") resolved at the gateway; a label not listed
     here is passed on as a label (only TF Serving backends know labels)."""
+
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """Inputs by name, built once (every request looks them up)."""
+        return {spec.name: spec for spec in self.inputs}
+
+    @cached_property
+    def output_names(self) -> frozenset[str]:
+        return frozenset(spec.name for spec in self.outputs)
 
     @model_validator(mode="after")
     def _routes_make_sense(self) -> ModelConfig:

@@ -62,7 +62,6 @@ class Served:
     response: InferenceResponse
     route: Route
     backend_s: float
-    attempts: int = 1
 
 
 @dataclass
@@ -83,13 +82,17 @@ class DataPlane:
         config: GatewayConfig,
         backends: dict[str, Backend],
         metrics: Metrics,
-        default_timeout_ms: int = 5000,
         rng: random.Random | None = None,
+        *,
+        circuit_failure_threshold: int = 5,
+        circuit_reset_s: float = 2.0,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
+        """``circuit_failure_threshold`` / ``circuit_reset_s`` apply to every backend whose
+        models.yaml entry does not set its own; ``retry_budget`` is shared by all backends."""
         self.config = config
         self.backends = backends
         self.metrics = metrics
-        self.default_timeout_s = default_timeout_ms / 1000
         self.rng = rng or random.Random()
         self.models = {
             name: ModelRouter(name, model, backends, self.rng)
@@ -101,7 +104,15 @@ class DataPlane:
                 limiter=ConcurrencyLimiter(
                     f"backend '{name}'", backend_config.max_concurrency, backend_config.max_queue
                 ),
-                breaker=CircuitBreaker(on_change=self._circuit_callback(name)),
+                breaker=CircuitBreaker(
+                    threshold=backend_config.circuit_failure_threshold or circuit_failure_threshold,
+                    reset_s=(
+                        backend_config.circuit_reset_ms / 1000
+                        if backend_config.circuit_reset_ms
+                        else circuit_reset_s
+                    ),
+                    on_change=self._circuit_callback(name),
+                ),
                 retries=backend_config.retries,
                 timeout_s=backend_config.timeout_ms / 1000,
             )
@@ -113,7 +124,14 @@ class DataPlane:
             for name, model in config.models.items()
             if model.max_concurrency
         }
-        self.retry_budget = RetryBudget()
+        # A request's deadline ceiling: the model's timeout_ms, else its slowest backend's.
+        self._ceilings_s = {
+            name: model.config.timeout_ms / 1000
+            if model.config.timeout_ms
+            else max(self.guards[r.backend_name].timeout_s for r in model.routes)
+            for name, model in self.models.items()
+        }
+        self.retry_budget = retry_budget or RetryBudget()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     def _circuit_callback(self, backend: str) -> Any:
@@ -132,29 +150,21 @@ class DataPlane:
             raise NotFound(f"unknown model '{name}'; GET /v2/models lists the models") from None
 
     def deadline_for(self, model: ModelRouter, ctx: CallContext) -> Deadline:
-        ceiling = (
-            model.config.timeout_ms / 1000
-            if model.config.timeout_ms
-            else max(self.guards[r.backend_name].timeout_s for r in model.routes)
-        )
+        ceiling = self._ceilings_s[model.name]
         if ctx.timeout_ms is not None:
             if ctx.timeout_ms <= 0:
                 raise BadRequest("timeout must be a positive number of milliseconds")
             return Deadline(min(ceiling, ctx.timeout_ms / 1000))
-        return Deadline(ceiling or self.default_timeout_s)
+        return Deadline(ceiling)
 
     # -- validation ----------------------------------------------------------------------
-
-    def validate(self, model: ModelRouter, request: InferenceRequest) -> None:
-        """Check the request against the model's declared signature."""
-        validate_request(model.name, model.config, request)
 
     # -- inference -----------------------------------------------------------------------
 
     async def infer(self, model_name: str, request: InferenceRequest, ctx: CallContext) -> Served:
         """Validate, route, call (with failover), and start the shadow copy."""
         model = self.model(model_name)
-        self.validate(model, request)
+        validate_request(model.name, model.config, request)
         plan = model.plan(ctx.pin, ctx.route_key)
         deadline = self.deadline_for(model, ctx)
         model_limiter = self.model_limiters.get(model_name)
@@ -176,22 +186,19 @@ class DataPlane:
     async def _serve(
         self, model: ModelRouter, plan: list[Route], request: InferenceRequest, deadline: Deadline
     ) -> Served:
-        last_error: DuoServeError | None = None
+        last = len(plan) - 1
         for index, route in enumerate(plan):
             try:
                 served = await self.call_route(model.name, route, request, deadline)
             except DuoServeError as error:
                 error.route = route  # who failed, for the metrics' framework and backend labels
-                if isinstance(error, NOT_PROCESSED) and index + 1 < len(plan):
-                    if not deadline.expired():
-                        last_error = error
-                        continue
+                if isinstance(error, NOT_PROCESSED) and index < last and not deadline.expired():
+                    continue  # not processed: the next route may serve it
                 raise
             if index > 0:
                 self.metrics.failovers.labels(model.name, route.framework).inc()
             return served
-        assert last_error is not None
-        raise last_error
+        raise AssertionError("a plan has at least one route, and its last one returns or raises")
 
     async def call_route(
         self, model_name: str, route: Route, request: InferenceRequest, deadline: Deadline
@@ -261,7 +268,7 @@ class DataPlane:
                 self.metrics.backend_duration.labels(
                     model_name, route.framework, route.backend_name
                 ).observe(elapsed)
-                return Served(response, route, elapsed, attempt + 1)
+                return Served(response, route, elapsed)
         finally:
             budget.active -= 1
             if attempt:
@@ -318,7 +325,7 @@ class DataPlane:
     ) -> dict[str, Any]:
         """Run one request on every route of the model; each answer, its latency, agreement."""
         model = self.model(model_name)
-        self.validate(model, request)
+        validate_request(model.name, model.config, request)
         deadline = self.deadline_for(model, ctx)
 
         async def one(route: Route) -> Served | DuoServeError:
@@ -412,7 +419,7 @@ def _fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
 def validate_request(model_name: str, config: ModelConfig, request: InferenceRequest) -> None:
     """BadRequest unless the inputs are exactly the model's declared inputs, each fitting its
     datatype and shape, and the requested outputs exist."""
-    specs = {spec.name: spec for spec in config.inputs}
+    specs = config.input_specs
     seen: set[str] = set()
     for tensor in request.inputs:
         spec = specs.get(tensor.name)
@@ -445,7 +452,7 @@ def validate_request(model_name: str, config: ModelConfig, request: InferenceReq
     if missing:
         raise BadRequest(f"model '{model_name}' needs input(s): {', '.join(missing)}")
     if request.outputs:
-        known = {spec.name for spec in config.outputs}
+        known = config.output_names
         for output in request.outputs:
             if output.name not in known:
                 raise BadRequest(

@@ -46,11 +46,6 @@ class NotFound(DuoServeError):
     reason = "not_found"
 
 
-class MethodNotAllowed(DuoServeError):
-    status = 405
-    reason = "method_not_allowed"
-
-
 class PayloadTooLarge(DuoServeError):
     status = 413
     reason = "payload_too_large"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
@@ -101,8 +101,6 @@ class LoopMetric:
     samples are those of prometheus_client's Counter, Gauge and Histogram.
     """
 
-    type: ClassVar[str]
-
     def __init__(
         self,
         name: str,
@@ -146,8 +144,6 @@ class LoopMetric:
 
 
 class LoopCounter(LoopMetric):
-    type = "counter"
-
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
 
@@ -159,8 +155,6 @@ class LoopCounter(LoopMetric):
 
 
 class LoopGauge(LoopMetric):
-    type = "gauge"
-
     def _new_child(self) -> _GaugeChild:
         return _GaugeChild()
 
@@ -172,8 +166,6 @@ class LoopGauge(LoopMetric):
 
 
 class LoopHistogram(LoopMetric):
-    type = "histogram"
-
     def __init__(
         self,
         name: str,

@@ -23,8 +23,6 @@ class Settings(BaseSettings):
     """Name reported by GET /v2."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     """Largest request body accepted, after decompression; larger ones get 413."""
-    default_timeout_ms: int = Field(default=5000, gt=0)
-    """Deadline of a request when neither the model nor the backend sets one."""
     api_keys_file: str | None = None
     """YAML/JSON file of hashed API keys (see duoserve.auth); unset means no authentication
     (the laptop default)."""

@@ -38,7 +38,6 @@ V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
 INTEGER_TYPES = frozenset(
     {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 )
-FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 _KIND_PREFIX = {"u": "UINT", "i": "INT", "f": "FP"}
 
 
@@ -103,12 +102,6 @@ class InferenceRequest:
     framework: str | None = None
     """The framework of the route it is addressed to (set by the router)."""
 
-    def input(self, name: str) -> Tensor | None:
-        for tensor in self.inputs:
-            if tensor.name == name:
-                return tensor
-        return None
-
     def batch_size(self) -> int:
         """Rows in the request: the first dimension of the first input (1 for scalars)."""
         if not self.inputs or self.inputs[0].data.ndim == 0:
@@ -150,11 +143,7 @@ def _whole_numbers(data: Any, datatype: str, name: str) -> np.ndarray:
     flat = values.ravel()
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
         raise BadRequest(f"input '{name}': {datatype} data must be whole numbers")
-    info = np.iinfo(V2_TO_NUMPY[datatype])
-    if min(flat) < info.min or max(flat) > info.max:
-        raise BadRequest(
-            f"input '{name}': values must lie in [{info.min}, {info.max}] for {datatype}"
-        )
+    _check_range(values, datatype, name)  # object array of Python ints: no overflow here
     return values.astype(V2_TO_NUMPY[datatype])
 
 
@@ -252,6 +241,24 @@ def array_to_json(array: np.ndarray) -> Any:
             for v in array.ravel()
         ]
     return array.ravel().tolist()
+
+
+def json_data(tensor: Tensor) -> Any:
+    """A tensor's V2 JSON ``data`` for orjson with OPT_SERIALIZE_NUMPY: numbers as a flat
+    contiguous array (serialised by orjson without a Python list), BYTES as UTF-8 text."""
+    if tensor.datatype == "BYTES" or tensor.data.dtype.kind in ("O", "S"):
+        return array_to_json(tensor.data)
+    return np.ascontiguousarray(tensor.data.ravel())
+
+
+def json_tensor(tensor: Tensor) -> dict[str, Any]:
+    """A tensor as a V2 JSON entry: name, datatype, shape and flat data."""
+    return {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": tensor.shape,
+        "data": json_data(tensor),
+    }
 
 
 def split_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:

@@ -110,9 +110,6 @@ class SavedModelRuntime(Runtime):
             self._model = tf.saved_model.load(str(path))
         self._signatures = dict(self._model.signatures)
 
-    def signature_names(self) -> list[str]:
-        return list(self._signatures)
-
     def run(self, inputs: Arrays, outputs: list[str], signature: str = "serving_default") -> Arrays:
         tf = self._tf
         try:

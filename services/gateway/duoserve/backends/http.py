@@ -23,7 +23,18 @@ from duoserve.errors import (
 )
 from duoserve.resilience import Deadline
 
-__all__ = ["HTTPPool", "Reply", "call", "status_error"]
+__all__ = ["PROBE_TIMEOUT_S", "HTTPPool", "Reply", "binary_headers", "call", "status_error"]
+
+# Readiness and metadata calls: short, whatever the backend's inference timeout.
+PROBE_TIMEOUT_S = 2.0
+
+
+def binary_headers(header_length: int) -> dict[str, str]:
+    """Request headers of a body in the binary tensor extension (JSON header, then bytes)."""
+    return {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
 
 
 async def call(

@@ -251,10 +251,6 @@ class HTTPPool:
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._closed = False
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def request(
         self,
         method: str,

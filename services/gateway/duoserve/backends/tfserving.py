@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import HTTPPool, call, status_error
+from duoserve.backends.http import PROBE_TIMEOUT_S, HTTPPool, call, status_error
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -58,7 +58,6 @@ GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
 GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 
 DEFAULT_SIGNATURE = "serving_default"
-_PROBE_TIMEOUT_S = 2.0
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 DT = tensor_pb2.DataType
@@ -288,7 +287,7 @@ class TFServingBackend(Backend):
         self._pool = HTTPPool(config.url, config.max_concurrency) if config.url else None
         self._closed = False
         # (model, version, signature) -> {output name: V2 datatype or None}
-        self._outputs: dict[tuple[str, str | None, str], dict[str, str | None]] = {}
+        self._outputs: dict[tuple[str, str | None, str], dict[str, str | None] | None] = {}
         self._declared: dict[str, list[TensorSpec]] = {}
 
     # -- plumbing -------------------------------------------------------------------------
@@ -504,18 +503,22 @@ class TFServingBackend(Backend):
         if key not in self._outputs:
             try:
                 meta = await self._metadata_rest(
-                    request.model, request.version, min(deadline.remaining(), _PROBE_TIMEOUT_S)
+                    request.model, request.version, min(deadline.remaining(), PROBE_TIMEOUT_S)
                 )
             except DuoServeError as error:
                 log.info("backend %s: no metadata for %s: %s", self.name, key, error.message)
                 return None
             sig = meta["signature_def"].get(signature)
-            if sig is None:
-                return None
-            self._outputs[key] = {
-                name: DT_NAME_TO_V2.get(info.get("dtype", ""))
-                for name, info in sig["outputs"].items()
-            }
+            # Cached either way: a signature the model lacks stays lacking (no metadata call on
+            # every request); only an unreachable metadata endpoint is asked again.
+            self._outputs[key] = (
+                None
+                if sig is None
+                else {
+                    name: DT_NAME_TO_V2.get(info.get("dtype", ""))
+                    for name, info in sig["outputs"].items()
+                }
+            )
         return self._outputs[key]
 
     # -- status and metadata --------------------------------------------------------------
@@ -527,7 +530,7 @@ class TFServingBackend(Backend):
         try:
             if self.base:
                 doc = await self._get_json(
-                    self._rest_path(model, version), _what(model, version), _PROBE_TIMEOUT_S
+                    self._rest_path(model, version), _what(model, version), PROBE_TIMEOUT_S
                 )
                 return any(s.get("state") == "AVAILABLE" for s in doc["model_version_status"])
             request = get_model_status_pb2.GetModelStatusRequest(
@@ -537,7 +540,7 @@ class TFServingBackend(Backend):
                 GET_MODEL_STATUS,
                 request,
                 get_model_status_pb2.GetModelStatusResponse,
-                _PROBE_TIMEOUT_S,
+                PROBE_TIMEOUT_S,
             )
             available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
             return any(s.state == available for s in answer.model_version_status)

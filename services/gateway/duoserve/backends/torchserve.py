@@ -24,8 +24,14 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import HTTPPool, Reply, call, status_error
-from duoserve.backends.httpclient import HTTPClientError
+from duoserve.backends.http import (
+    PROBE_TIMEOUT_S,
+    HTTPPool,
+    Reply,
+    binary_headers,
+    call,
+    status_error,
+)
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -37,6 +43,7 @@ from duoserve.tensors import (
     InferenceResponse,
     Tensor,
     binary_request,
+    json_tensor,
     numpy_dtype,
 )
 
@@ -79,18 +86,7 @@ _JSON_ONLY_HANDLER = b"; send JSON"
 def json_body(request: InferenceRequest) -> bytes:
     """The V2-style JSON body the handler reads: data as flat lists."""
     return orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": t.name,
-                    "shape": t.shape,
-                    "datatype": t.datatype,
-                    "data": np.ascontiguousarray(t.data.ravel()),
-                }
-                for t in request.inputs
-            ]
-        },
-        option=orjson.OPT_SERIALIZE_NUMPY,
+        {"inputs": [json_tensor(t) for t in request.inputs]}, option=orjson.OPT_SERIALIZE_NUMPY
     )
 
 
@@ -159,11 +155,7 @@ class TorchServeBackend(Backend):
     ) -> Reply:
         if binary:
             body, header_length = binary_request(request.inputs)
-            headers = {
-                "Content-Type": "application/octet-stream",
-                "Inference-Header-Content-Length": str(header_length),
-                **self._auth(),
-            }
+            headers = {**binary_headers(header_length), **self._auth()}
         else:
             body = json_body(request)
             headers = {"Content-Type": "application/json", **self._auth()}
@@ -226,12 +218,19 @@ class TorchServeBackend(Backend):
         """/ping is Healthy only while every registered model has its minimum workers.
         (TorchServe 0.12 wants the inference key on /ping too.)"""
         try:
-            reply = await self._pool.request("GET", "/ping", headers=self._auth(), timeout_s=2)
+            reply = await call(
+                self._pool,
+                "GET",
+                "/ping",
+                what="TorchServe",
+                deadline=Deadline(PROBE_TIMEOUT_S),
+                headers=self._auth(),
+            )
             if reply.status != 200:
                 return False
             doc: Any = orjson.loads(reply.body)
             return isinstance(doc, dict) and doc.get("status") == "Healthy"
-        except (HTTPClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
+        except (orjson.JSONDecodeError, DuoServeError):
             return False
 
     async def close(self) -> None:

@@ -13,8 +13,14 @@ import numpy as np
 import orjson
 
 from duoserve.backends.base import Backend
-from duoserve.backends.http import HTTPPool, call, status_error
-from duoserve.backends.httpclient import HTTPClientError
+from duoserve.backends.http import (
+    PROBE_TIMEOUT_S,
+    HTTPPool,
+    Reply,
+    binary_headers,
+    call,
+    status_error,
+)
 from duoserve.config import V2BackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -33,6 +39,9 @@ from duoserve.tensors import (
 log = logging.getLogger(__name__)
 
 
+WHAT = "Open Inference Protocol"
+
+
 class V2Backend(Backend):
     """Calls ``POST /v2/models/{m}[/versions/{v}]/infer`` on an Open Inference Protocol server."""
 
@@ -42,11 +51,10 @@ class V2Backend(Backend):
         super().__init__(name)
         self.config = config
         self._pool = HTTPPool(config.url, config.max_concurrency)
-
-    def _headers(self) -> dict[str, str]:
-        token = os.environ.get(self.config.token_env, "") if self.config.token_env else ""
-        token = token.strip()  # a secret mounted from a file often ends in a newline
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        # Read once, like every other credential the gateway holds; a secret mounted from a
+        # file often ends in a newline.
+        token = os.environ.get(config.token_env, "").strip() if config.token_env else ""
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _path(self, model: str, version: str | None) -> str:
         path = f"/v2/models/{quote(model, safe='')}"
@@ -65,16 +73,12 @@ class V2Backend(Backend):
 
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
         body, header_length = self.encode(request)
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(header_length),
-            **self._headers(),
-        }
+        headers = {**binary_headers(header_length), **self._auth}
         reply = await call(
             self._pool,
             "POST",
             self._path(request.model, request.version) + "/infer",
-            what="Open Inference Protocol",
+            what=WHAT,
             deadline=deadline,
             body=body,
             headers=headers,
@@ -89,7 +93,7 @@ class V2Backend(Backend):
             message = str(orjson.loads(raw).get("error", ""))[:300]
         except (orjson.JSONDecodeError, AttributeError):
             message = ""
-        return status_error(status, "Open Inference Protocol", f"model '{request.model}'", message)
+        return status_error(status, WHAT, f"model '{request.model}'", message)
 
     def _decode(
         self, raw: bytes, header_length: str | None, request: InferenceRequest
@@ -132,24 +136,30 @@ class V2Backend(Backend):
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
         try:
-            reply = await self._pool.request(
-                "GET", self._path(model, version) + "/ready", headers=self._headers(), timeout_s=2
-            )
-            return reply.status == 200
-        except (HTTPClientError, TimeoutError, DuoServeError):
+            reply = await self._get(self._path(model, version) + "/ready")
+        except DuoServeError:
             return False
+        return reply.status == 200
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         try:
-            reply = await self._pool.request(
-                "GET", self._path(model, version), headers=self._headers(), timeout_s=2
-            )
+            reply = await self._get(self._path(model, version))
             if reply.status != 200:
                 return {}
             doc: dict[str, Any] = orjson.loads(reply.body)
             return doc
-        except (HTTPClientError, TimeoutError, orjson.JSONDecodeError, DuoServeError):
+        except (orjson.JSONDecodeError, DuoServeError):
             return {}
+
+    async def _get(self, target: str) -> Reply:
+        return await call(
+            self._pool,
+            "GET",
+            target,
+            what=WHAT,
+            deadline=Deadline(PROBE_TIMEOUT_S),
+            headers=self._auth,
+        )
 
     async def close(self) -> None:
         await self._pool.close()

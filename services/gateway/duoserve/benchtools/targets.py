@@ -16,10 +16,17 @@ from urllib.parse import quote
 
 import numpy as np
 
-from duoserve.tensors import V2_TO_NUMPY, array_from_json, binary_bytes
+from duoserve.tensors import (
+    V2_TO_NUMPY,
+    Tensor,
+    array_from_json,
+    array_to_json,
+    binary_request,
+)
 
 TARGETS = ("gateway", "v2", "torchserve", "tfserving-rest", "tfserving-grpc")
 PROTOCOLS = ("v2", "v2-binary", "tfserving", "torchserve")
+# TF Serving's Predict method (as backends/tfserving.py PREDICT; not imported: grpc-free here)
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 
 
@@ -131,13 +138,6 @@ def load_payload(path: Path) -> dict[str, tuple[str, np.ndarray]] | bytes:
 # -- encoders ---------------------------------------------------------------------------
 
 
-def _json_data(array: np.ndarray) -> list[Any]:
-    if array.dtype.kind == "O":
-        return [v.decode("utf-8", "replace") for v in array.ravel()]
-    values: list[Any] = array.ravel().tolist()
-    return values
-
-
 def _nested(array: np.ndarray) -> Any:
     if array.dtype.kind == "O":
         return np.vectorize(lambda v: v.decode("utf-8", "replace"), otypes=[object])(array).tolist()
@@ -146,7 +146,7 @@ def _nested(array: np.ndarray) -> Any:
 
 def v2_json_body(tensors: dict[str, tuple[str, np.ndarray]]) -> bytes:
     inputs = [
-        {"name": n, "shape": list(a.shape), "datatype": dt, "data": _json_data(a)}
+        {"name": n, "shape": list(a.shape), "datatype": dt, "data": array_to_json(a)}
         for n, (dt, a) in tensors.items()
     ]
     return json.dumps({"inputs": inputs}, separators=(",", ":")).encode()
@@ -154,20 +154,8 @@ def v2_json_body(tensors: dict[str, tuple[str, np.ndarray]]) -> bytes:
 
 def v2_binary_body(tensors: dict[str, tuple[str, np.ndarray]]) -> tuple[bytes, int]:
     """JSON header + raw tensors; binary outputs asked for too. Returns (body, header length)."""
-    blobs = [binary_bytes(a) for _, a in tensors.values()]
-    inputs = [
-        {
-            "name": n,
-            "shape": list(a.shape),
-            "datatype": dt,
-            "parameters": {"binary_data_size": len(blob)},
-        }
-        for (n, (dt, a)), blob in zip(tensors.items(), blobs, strict=True)
-    ]
-    header = json.dumps(
-        {"inputs": inputs, "parameters": {"binary_data_output": True}}, separators=(",", ":")
-    ).encode()
-    return header + b"".join(blobs), len(header)
+    inputs = [Tensor(n, a, dt) for n, (dt, a) in tensors.items()]
+    return binary_request(inputs, parameters={"binary_data_output": True})
 
 
 def tfserving_rest_body(tensors: dict[str, tuple[str, np.ndarray]]) -> bytes:
@@ -179,22 +167,13 @@ def tfserving_rest_body(tensors: dict[str, tuple[str, np.ndarray]]) -> bytes:
 def tfserving_grpc_body(
     tensors: dict[str, tuple[str, np.ndarray]], model: str, signature: str
 ) -> bytes:
-    """A serialized PredictRequest with raw ``tensor_content`` (what the gateway sends)."""
-    from duoserve.backends.tfserving import V2_TO_DT
+    """A serialized PredictRequest with raw ``tensor_content``: the gateway's own encoder."""
+    from duoserve.backends.tfserving import _model_spec, encode_tensor
     from duoserve.protos import predict_pb2
 
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
+    request = predict_pb2.PredictRequest(model_spec=_model_spec(model, None, signature))
     for name, (datatype, array) in tensors.items():
-        proto = request.inputs[name]
-        proto.dtype = V2_TO_DT[datatype]
-        for d in array.shape:
-            proto.tensor_shape.dim.add().size = int(d)
-        if datatype == "BYTES":
-            proto.string_val.extend(array.ravel().tolist())
-        else:
-            proto.tensor_content = np.ascontiguousarray(array).tobytes()
+        request.inputs[name].CopyFrom(encode_tensor(Tensor(name, array, datatype)))
     data: bytes = request.SerializeToString()
     return data
 

@@ -178,14 +178,16 @@ async def serve_inference(
     protocol: str,
     model_name: str,
     handle: Callable[
-        [Gateway, bytes, CallContext], Awaitable[tuple[Served, bytes, dict[str, str]]]
+        [Gateway, bytes, CallContext, Mapping[str, str]],
+        Awaitable[tuple[Served, bytes, dict[str, str]]],
     ],
     render_error: Callable[[DuoServeError], bytes] = error_json,
     accepted_types: tuple[str, ...] = (JSON,),
 ) -> Response:
     """The one inference path of every front door.
 
-    ``handle`` decodes the body, calls the data plane and encodes the answer; this wraps it with
+    ``handle(gateway, body, context, headers)`` decodes the body, calls the data plane and
+    encodes the answer; this wraps it with
     body limits, metrics, response headers and the protocol's error body.
     """
     gateway = gateway_of(request)
@@ -202,7 +204,7 @@ async def serve_inference(
         body = await read_body(request.receive, headers_in, gateway.max_body_bytes)
         metrics.request_size.labels(protocol).observe(len(body))
         served, payload, extra_headers = await handle(
-            gateway, body, call_context(headers_in, protocol)
+            gateway, body, call_context(headers_in, protocol), headers_in
         )
     except DuoServeError as error:
         status = error.status

@@ -11,6 +11,7 @@ such objects, one per row, in row format). Binary values travel as ``{"b64": ...
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,7 @@ def decode_predict(
         raise BadRequest(f"JSON Parse error: {error}") from None
     if not isinstance(doc, dict):
         raise BadRequest("the request body must be a JSON object with 'instances' or 'inputs'")
-    specs = {spec.name: spec for spec in config.inputs}
+    specs = config.input_specs
     names = list(specs)
     has_instances, has_inputs = "instances" in doc, "inputs" in doc
     if has_instances and has_inputs:
@@ -213,7 +214,7 @@ async def _predict(
         return json_response({"error": f"version must be a number, not '{version[:32]}'"}, 400)
 
     async def handle(
-        gateway: Gateway, body: bytes, ctx: CallContext
+        gateway: Gateway, body: bytes, ctx: CallContext, headers: Mapping[str, str]
     ) -> tuple[Served, bytes, dict[str, str]]:
         router_ = gateway.dataplane.model(model)
         decoded, form = decode_predict(

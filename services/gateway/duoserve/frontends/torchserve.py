@@ -14,9 +14,8 @@ registration, token and metrics paths of TorchServe do not exist here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
-import numpy as np
 import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -35,7 +34,13 @@ from duoserve.frontends.http import (
     torchserve_error_json,
 )
 from duoserve.frontends.v2 import decode_v2_request
-from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, array_from_json
+from duoserve.tensors import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    array_from_json,
+    json_tensor,
+)
 
 PROTOCOL = "torchserve"
 
@@ -50,7 +55,7 @@ def decode_predictions(
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
     if isinstance(doc, dict) and "inputs" in doc:
         return decode_v2_request(body, model_name, version, config, parsed=doc), "tensors"
-    specs = {spec.name: spec for spec in config.inputs}
+    specs = config.input_specs
     if isinstance(doc, dict):
         unknown = set(doc) - set(specs)
         if unknown:
@@ -85,15 +90,7 @@ def decode_predictions(
 def encode_predictions(response: InferenceResponse, form: str, model_name: str) -> bytes:
     option = orjson.OPT_SERIALIZE_NUMPY
     if form == "tensors":
-        outputs: list[dict[str, Any]] = [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": t.shape,
-                "data": np.ascontiguousarray(t.data.ravel()),
-            }
-            for t in response.outputs
-        ]
+        outputs = [json_tensor(t) for t in response.outputs]
         return orjson.dumps({"model_name": model_name, "outputs": outputs}, option=option)
     if form == "bare":
         return orjson.dumps(response.outputs[0].data, option=option)
@@ -105,7 +102,7 @@ router = APIRouter(tags=["TorchServe inference API"])
 
 async def _predict(request: Request, model: str, version: str | None) -> Response:
     async def handle(
-        gateway: Gateway, body: bytes, ctx: CallContext
+        gateway: Gateway, body: bytes, ctx: CallContext, headers: Mapping[str, str]
     ) -> tuple[Served, bytes, dict[str, str]]:
         config = gateway.dataplane.model(model).config
         decoded, form = decode_predictions(body, model, version, config)

@@ -8,6 +8,7 @@ validation); every input is bounded by the model's declared shape before any arr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from duoserve.tensors import (
     array_from_json,
     array_to_json,
     binary_bytes,
+    json_data,
     numpy_dtype,
     split_bytes_elements,
 )
@@ -100,7 +102,7 @@ def decode_v2_request(
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list) or not inputs_doc:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
-    specs = {spec.name: spec for spec in config.inputs}
+    specs = config.input_specs
     offset = 0
     inputs: list[Tensor] = []
     for item in inputs_doc:
@@ -227,10 +229,8 @@ def encode_v2_response(
             blob = binary_bytes(tensor.data)
             blobs.append(blob)
             entry["parameters"] = {"binary_data_size": len(blob)}
-        elif tensor.datatype == "BYTES":
-            entry["data"] = array_to_json(tensor.data)
         else:
-            entry["data"] = np.ascontiguousarray(tensor.data.ravel())
+            entry["data"] = json_data(tensor)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
     if response.model_version is not None:
@@ -352,13 +352,13 @@ def _timeout_parameter(request: InferenceRequest, ctx: CallContext) -> CallConte
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
-    header_length = request.headers.get(HEADER_LENGTH)
-
     async def handle(
-        gateway: Gateway, body: bytes, ctx: CallContext
+        gateway: Gateway, body: bytes, ctx: CallContext, headers: Mapping[str, str]
     ) -> tuple[Served, bytes, dict[str, str]]:
         router_ = gateway.dataplane.model(model)
-        decoded = decode_v2_request(body, model, version, router_.config, header_length)
+        decoded = decode_v2_request(
+            body, model, version, router_.config, headers.get(HEADER_LENGTH)
+        )
         served = await gateway.dataplane.infer(model, decoded, _timeout_parameter(decoded, ctx))
         payload, headers = encode_v2_response(served.response, decoded, model)
         return served, payload, headers
