@@ -88,6 +88,29 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         pass
 
 
+# TorchServe's Java frontend puts each worker's Unix socket at <java.io.tmpdir>/.ts.sock.<port>,
+# and java.io.tmpdir is /tmp whatever TMPDIR says: two servers with the same initial worker port
+# would take over each other's sockets. Each server gets a block no socket of this machine uses
+# and no other server of this process was given.
+_WORKER_PORT_BLOCK = 16
+_reserved_worker_ports: set[int] = set()
+
+
+def reserve_worker_ports(models: int) -> int:
+    """The first of a block of worker ports (one per model worker) free for a new TorchServe."""
+    size = max(_WORKER_PORT_BLOCK, models)
+    start = 20000 + (os.getpid() % 1000) * 20
+    for first in range(start, 60000 - size, size):
+        block = range(first, first + size)
+        if any(p in _reserved_worker_ports for p in block):
+            continue
+        if any(Path(f"/tmp/.ts.sock.{p}").exists() for p in block):
+            continue
+        _reserved_worker_ports.update(block)
+        return first
+    raise RuntimeError("no free block of TorchServe worker ports")
+
+
 class TorchServe:
     """A real TorchServe 0.12 with token auth on, serving the archives of a model store."""
 
@@ -99,7 +122,7 @@ class TorchServe:
         self.management_port = free_port()
         self.metrics_port = free_port()
         self.grpc_ports = (free_port(), free_port())
-        self.worker_port = 20000 + os.getpid() % 20000
+        self.worker_port = reserve_worker_ports(len(models))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "torchserve.out"
 

@@ -10,7 +10,6 @@ circuit closes and pytorch serves again within seconds.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +56,6 @@ async def test_torchserve_stopped_and_restarted_under_load(
     digits_samples: tuple[np.ndarray, np.ndarray],
 ) -> None:
     server = RestartableTorchServe(tmp_path, model_store / "torchserve", {"digits": {}})
-    # A worker port of its own: the session's TorchServe fixture may be running beside this one.
-    server.worker_port = 20000 + (os.getpid() + 9973) % 20000
     await asyncio.to_thread(server.start)
     images, labels = digits_samples
     config = {
