@@ -114,8 +114,16 @@ def reserve_worker_ports(models: int) -> int:
 class TorchServe:
     """A real TorchServe 0.12 with token auth on, serving the archives of a model store."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: dict[str, dict[str, object]]):
+    def __init__(
+        self,
+        workdir: Path,
+        model_store: Path,
+        models: dict[str, dict[str, object]],
+        *,
+        token_auth: bool = True,
+    ):
         self.workdir = workdir
+        self.token_auth = token_auth
         self.model_store = model_store
         self.models = models
         self.inference_port = free_port()
@@ -140,6 +148,21 @@ class TorchServe:
 
     def inference_key(self) -> str:
         return str(json.loads(self.key_file.read_text())["inference"]["key"])
+
+    def auth(self) -> dict[str, str]:
+        """The Authorization header its inference API wants (none without token auth)."""
+        return {"Authorization": f"Bearer {self.inference_key()}"} if self.token_auth else {}
+
+    def inference_count(self) -> int:
+        """Inference requests TorchServe has answered, from its own metrics API."""
+        _, body = http_get(f"http://{self.metrics_target}/metrics")
+        return int(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in body.decode().splitlines()
+                if line.startswith("ts_inference_requests_total{")
+            )
+        )
 
     def write_config(self) -> Path:
         models = {
@@ -178,6 +201,8 @@ class TorchServe:
             "token_expiration_min=600",
             f"models={json.dumps(models)}",
         ]
+        if not self.token_auth:  # as in Kubernetes, where every replica would mint its own key
+            lines.append("disable_token_authorization=true")
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -217,10 +242,9 @@ class TorchServe:
 
         # TorchServe 0.12 asks for the inference key even on /ping.
         def healthy() -> bool:
-            if not self.key_file.exists():
+            if self.token_auth and not self.key_file.exists():
                 return False
-            auth = {"Authorization": f"Bearer {self.inference_key()}"}
-            status, body = http_get(self.url + "/ping", headers=auth)
+            status, body = http_get(self.url + "/ping", headers=self.auth())
             return status == 200 and json.loads(body).get("status") == "Healthy"
 
         wait_until(healthy, timeout_s, "TorchServe", self.proc, self.log)
@@ -232,10 +256,7 @@ class TorchServe:
                 request = urllib.request.Request(
                     f"{self.url}/predictions/{name}",
                     data=body,
-                    headers={
-                        "Authorization": f"Bearer {self.inference_key()}",
-                        "Content-Type": "application/json",
-                    },
+                    headers={**self.auth(), "Content-Type": "application/json"},
                 )
                 try:
                     with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310

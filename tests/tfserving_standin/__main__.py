@@ -34,6 +34,19 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--enable_batching", nargs="?", const="true", default="false")
     parser.add_argument("--batching_parameters_file", default="")
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
+    parser.add_argument(
+        "--bind_address",
+        default="127.0.0.1",
+        help="stand-in only: address both APIs listen on (replicas on 127.0.0.x share a port, "
+        "as the pods of a headless Service do)",
+    )
+    parser.add_argument(
+        "--max_concurrent_predicts",
+        type=int,
+        default=0,
+        help="stand-in only: predictions run one batch of this many at a time, the rest wait "
+        "(0: no limit); with --delay_ms, a latency-bound replica for balancing benchmarks",
+    )
     args = parser.parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
         parser.error("give --model_config_file or --model_base_path")
@@ -73,7 +86,10 @@ async def _serve(args: argparse.Namespace) -> None:
     log = logging.getLogger("tfserving_standin")
     registry = ModelRegistry.from_file(_config_file(args))
     metrics = ServingMetrics()
-    controls = {"delay_ms": args.delay_ms}
+    controls = {"delay_ms": args.delay_ms, "predicts": 0}
+    slots = (
+        asyncio.Semaphore(args.max_concurrent_predicts) if args.max_concurrent_predicts else None
+    )
 
     batching = args.enable_batching.lower() in ("true", "1")
 
@@ -84,6 +100,13 @@ async def _serve(args: argparse.Namespace) -> None:
         return servable.run(signature_name, inputs, output_filter)
 
     async def run_predict(servable, signature_name, inputs, output_filter):
+        controls["predicts"] += 1
+        if slots is None:
+            return await predict(servable, signature_name, inputs, output_filter)
+        async with slots:
+            return await predict(servable, signature_name, inputs, output_filter)
+
+    async def predict(servable, signature_name, inputs, output_filter):
         if controls["delay_ms"] > 0:
             await asyncio.sleep(controls["delay_ms"] / 1000)
         # TensorFlow releases the GIL while it runs: a thread keeps both APIs responsive.
@@ -92,16 +115,21 @@ async def _serve(args: argparse.Namespace) -> None:
         )
 
     grpc_server = await serve_grpc(
-        registry, metrics, run_predict, args.port, tensor_content=args.tensor_content
+        registry,
+        metrics,
+        run_predict,
+        args.port,
+        tensor_content=args.tensor_content,
+        host=args.bind_address,
     )
-    log.info("Running gRPC ModelServer at 127.0.0.1:%d ...", args.port)
+    log.info("Running gRPC ModelServer at %s:%d ...", args.bind_address, args.port)
     runner = None
     if args.rest_api_port:
         api = RestApi(
             registry, metrics, run_predict, _monitoring_path(args.monitoring_config_file), controls
         )
-        runner = await serve_rest(api, args.rest_api_port)
-        log.info("Exporting HTTP/REST API at:127.0.0.1:%d ...", args.rest_api_port)
+        runner = await serve_rest(api, args.rest_api_port, host=args.bind_address)
+        log.info("Exporting HTTP/REST API at:%s:%d ...", args.bind_address, args.rest_api_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -35,14 +35,15 @@ class StandinHandle:
     rest_port: int
     log_path: Path
     model_names: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
+        return f"http://{self.host}:{self.rest_port}"
 
     @property
     def pid(self) -> int:
@@ -58,6 +59,17 @@ class StandinHandle:
         )
         with urllib.request.urlopen(request, timeout=5) as answer:
             answer.read()
+
+    def predicts(self) -> int:
+        """Predictions this replica has run (REST and gRPC) since it started."""
+        with urllib.request.urlopen(f"{self.rest_url}/standin/stats", timeout=5) as answer:
+            return int(json.loads(answer.read())["predicts"])
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crashed or evicted server dies."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; only this process, by its pid."""
@@ -106,6 +118,8 @@ def start_standin(
     monitoring: bool = True,
     tensor_content: bool = False,
     enable_batching: bool = False,
+    max_concurrent_predicts: int = 0,
+    bind_address: str = "127.0.0.1",
     startup_timeout_s: float = 90,
 ) -> StandinHandle:
     """Start the stand-in in a subprocess and return once every model answers its status.
@@ -136,6 +150,10 @@ def start_standin(
         command.append(f"--monitoring_config_file={MONITORING_CONFIG}")
     if tensor_content:
         command.append("--tensor_content")
+    if bind_address != "127.0.0.1":
+        command.append(f"--bind_address={bind_address}")
+    if max_concurrent_predicts:
+        command.append(f"--max_concurrent_predicts={max_concurrent_predicts}")
     if enable_batching:
         # As services/tfserving/Dockerfile runs the real server.
         command += ["--enable_batching", f"--batching_parameters_file={BATCHING_CONFIG}"]
@@ -145,7 +163,7 @@ def start_standin(
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
-    handle = StandinHandle(process, grpc_port, rest_port, log_path, names)
+    handle = StandinHandle(process, grpc_port, rest_port, log_path, names, bind_address)
     try:
         _wait_ready(handle, startup_timeout_s)
     except BaseException:

@@ -133,6 +133,7 @@ async def serve_grpc(
     port: int,
     *,
     tensor_content: bool = False,
+    host: str = "127.0.0.1",
 ) -> grpc.aio.Server:
     # TF Serving's default max message size is INT_MAX; 256 MiB is plenty for tests.
     limit = 256 * 1024 * 1024
@@ -146,6 +147,6 @@ async def serve_grpc(
         PredictionService(registry, metrics, run_predict, tensor_content), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server

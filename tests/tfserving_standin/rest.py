@@ -214,6 +214,10 @@ class RestApi:
             # Not TF Serving's: lets tests turn this server slow (or fast again) while it runs.
             self.controls["delay_ms"] = float(request.query.get("ms", "0"))
             return _json({"delay_ms": self.controls["delay_ms"]})
+        if path == "/standin/stats" and request.method == "GET":
+            # Not TF Serving's either: how many predictions this replica ran (REST and gRPC),
+            # so balancing tests count what each replica saw, not what the gateway says.
+            return _json({"predicts": self.controls["predicts"]})
         if not re.fullmatch(r"(?i)/v1/.*", path):
             return web.Response(status=404, text="")
         try:
@@ -297,9 +301,9 @@ class RestApi:
         )
 
 
-async def serve_rest(api: RestApi, port: int) -> web.AppRunner:
+async def serve_rest(api: RestApi, port: int, host: str = "127.0.0.1") -> web.AppRunner:
     runner = web.AppRunner(api.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     return runner

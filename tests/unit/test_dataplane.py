@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -45,7 +45,9 @@ class FakeBackend(Backend):
         super().__init__(name)
         self.calls = 0
 
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
         self.calls += 1
         return await self.answer(request, deadline)
 

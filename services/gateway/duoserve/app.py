@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 TORCHSERVE_PATHS = ("/predictions", "/ping")
 
 
-def build_backends(config: GatewayConfig, base_dir: Path) -> dict[str, Backend]:
-    """One Backend per entry of ``backends``; modules imported only for the kinds used."""
+def build_backends(
+    config: GatewayConfig, base_dir: Path, metrics: Metrics | None = None
+) -> dict[str, Backend]:
+    """One Backend per entry of ``backends``; modules imported only for the kinds used.
+    ``metrics`` receives the remote backends' per-replica series."""
     backends: dict[str, Backend] = {}
     for name, backend_config in config.backends.items():
         if backend_config.kind == "embedded":
@@ -56,15 +59,15 @@ def build_backends(config: GatewayConfig, base_dir: Path) -> dict[str, Backend]:
         elif backend_config.kind == "torchserve":
             from duoserve.backends.torchserve import TorchServeBackend
 
-            backends[name] = TorchServeBackend(name, backend_config)
+            backends[name] = TorchServeBackend(name, backend_config, metrics=metrics)
         elif backend_config.kind == "tfserving":
             from duoserve.backends.tfserving import TFServingBackend
 
-            backends[name] = TFServingBackend(name, backend_config)
+            backends[name] = TFServingBackend(name, backend_config, metrics=metrics)
         else:
             from duoserve.backends.v2 import V2Backend
 
-            backends[name] = V2Backend(name, backend_config)
+            backends[name] = V2Backend(name, backend_config, metrics=metrics)
     # Embedded runtimes load only what routes point at, with the declared signatures.
     for model_name, model in config.models.items():
         routes = list(model.routes) + ([model.shadow] if model.shadow else [])
@@ -202,7 +205,7 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     if backends is None:
-        backends = build_backends(config, config_path.resolve().parent)
+        backends = build_backends(config, config_path.resolve().parent, metrics)
     dataplane = DataPlane(
         config,
         backends,

@@ -43,7 +43,63 @@ class _BackendBase(_Strict):
     """How long an open circuit waits before one probe call (default: the gateway setting)."""
 
 
-class TorchServeBackendConfig(_BackendBase):
+_HOST_PORT = r"^(?:\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}$"
+
+
+class OutlierConfig(_Strict):
+    """When one replica of a backend is failing, take it out of rotation (outlier ejection)."""
+
+    consecutive_failures: int = Field(5, ge=1, le=1000)
+    """Failed calls in a row (refused or dropped connections, 5xx, timeouts) that eject a
+    replica. Client errors (4xx) and answers 'at capacity' never count."""
+    base_ejection_s: float = Field(1.0, gt=0, le=3600)
+    """An ejected replica stays out this long times the number of times it was ejected
+    (capped by max_ejection_s), then returns once a health probe passes; probes repeat every
+    base_ejection_s while it fails them."""
+    max_ejection_s: float = Field(30.0, gt=0, le=86_400)
+    """Longest ejection; a replica healthy for this long starts counting ejections anew."""
+    max_ejected_percent: int = Field(50, ge=0, le=100)
+    """Never more than this share of the replicas out at once (so with one or two replicas at
+    most one is ever ejected, and a lone replica never is: the circuit breaker covers it)."""
+
+    @model_validator(mode="after")
+    def _max_covers_base(self) -> OutlierConfig:
+        if self.max_ejection_s < self.base_ejection_s:
+            raise ValueError("max_ejection_s must be at least base_ejection_s")
+        return self
+
+
+class RemoteBackendConfig(_BackendBase):
+    """A server reached over the network, possibly as several replicas (endpoints)."""
+
+    endpoints: list[Annotated[str, Field(pattern=_HOST_PORT)]] | None = Field(
+        None, min_length=1, max_length=1024
+    )
+    """The replicas as ``host:port`` entries, instead of the host and port of the address
+    (``url``, or ``grpc`` for TF Serving over gRPC). Names are resolved like the address."""
+    resolve_interval_s: float = Field(5.0, gt=0, le=3600)
+    """How often host names are resolved again: every address a name resolves to is a replica
+    (a Kubernetes headless Service lists each Ready pod), so replicas that join are used and
+    replicas that leave are drained within this interval. IP addresses are never resolved."""
+    slow_start_s: float = Field(10.0, ge=0, le=3600)
+    """A replica that joins (or returns from ejection) gets a share of traffic that grows from
+    a tenth to a full share over this long; 0 turns slow start off."""
+    outlier: OutlierConfig = OutlierConfig.model_validate({})  # frozen: one default for all
+    """Ejection of failing replicas."""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _ports_in_range(cls, value: list[str] | None) -> list[str] | None:
+        for entry in value or []:
+            port = int(entry.rsplit(":", 1)[1])
+            if not 0 < port < 65536:
+                raise ValueError(f"'{entry}': the port must be between 1 and 65535")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("an endpoint is listed twice")
+        return value
+
+
+class TorchServeBackendConfig(RemoteBackendConfig):
     kind: Literal["torchserve"]
     url: str = Field(pattern=r"^https?://")
     """Base URL of TorchServe's inference API (port 8080), never the management API."""
@@ -59,10 +115,10 @@ class TorchServeBackendConfig(_BackendBase):
     archive whose handler reads JSON only."""
 
 
-class TFServingBackendConfig(_BackendBase):
+class TFServingBackendConfig(RemoteBackendConfig):
     kind: Literal["tfserving"]
     protocol: Literal["grpc", "rest"] = "grpc"
-    """Which TF Serving API predictions use; status and metadata always use REST when url is set."""
+    """Which TF Serving API predictions, status and metadata use; each replica is called on it."""
     grpc: str | None = Field(None, pattern=r"^[^/\s]+:\d+$")
     """host:port of TF Serving's gRPC API (8500)."""
     url: str | None = Field(None, pattern=r"^https?://")
@@ -70,14 +126,14 @@ class TFServingBackendConfig(_BackendBase):
 
     @model_validator(mode="after")
     def _needs_address(self) -> TFServingBackendConfig:
-        if self.protocol == "grpc" and not self.grpc:
-            raise ValueError("protocol 'grpc' needs 'grpc: host:port'")
+        if self.protocol == "grpc" and not (self.grpc or self.endpoints):
+            raise ValueError("protocol 'grpc' needs 'grpc: host:port' (or 'endpoints')")
         if self.protocol == "rest" and not self.url:
             raise ValueError("protocol 'rest' needs 'url: http://host:port'")
         return self
 
 
-class V2BackendConfig(_BackendBase):
+class V2BackendConfig(RemoteBackendConfig):
     kind: Literal["v2"]
     url: str = Field(pattern=r"^https?://")
     """Base URL of an Open Inference Protocol server (Triton, MLServer, KServe)."""

@@ -207,7 +207,9 @@ class DataPlane:
         guard = self.guards[route.backend_name]
         target = request.with_target(route.model, request.version or route.version, route.framework)
         labels = (route.backend_name, route.framework)
+        backend = route.backend
         attempt = 0
+        tried: list[str] = []  # replicas that did not process this request
         budget = self.retry_budget
         budget.active += 1
         try:
@@ -230,9 +232,16 @@ class DataPlane:
                 in_flight.inc()
                 started = time.perf_counter()
                 try:
-                    response = await route.backend.infer(target, deadline)
+                    response = await backend.infer(target, deadline, avoid=tried)
                 except BACKEND_FAULTS as error:
-                    guard.breaker.record_failure()
+                    # One replica failing while others are healthy is the replica's problem
+                    # (outlier ejection handles it), not the backend's: the circuit opens only
+                    # when no replica is left that works.
+                    elsewhere = backend.healthy_elsewhere(error.endpoint)
+                    if elsewhere:
+                        guard.breaker.record_neutral()
+                    else:
+                        guard.breaker.record_failure()
                     self.metrics.backend_errors.labels(model_name, *labels, error.reason).inc()
                     if (
                         isinstance(error, NOT_PROCESSED)
@@ -244,7 +253,10 @@ class DataPlane:
                             budget.retrying += 1  # until this request ends, retries included
                         attempt += 1
                         self.metrics.retries.labels(route.backend_name, error.reason).inc()
-                        await asyncio.sleep(min(backoff_s(attempt), deadline.remaining() / 2))
+                        if error.endpoint is not None:
+                            tried.append(error.endpoint)
+                        if not elsewhere:  # the same replica(s) again: give them a moment
+                            await asyncio.sleep(min(backoff_s(attempt), deadline.remaining() / 2))
                         continue
                     raise
                 except DuoServeError:

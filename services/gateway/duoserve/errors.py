@@ -21,6 +21,8 @@ class DuoServeError(Exception):
         self.headers = headers or {}
         self.route: Any = None
         """The route that failed, when a backend call did (set by the data plane)."""
+        self.endpoint: str | None = None
+        """The replica (``host:port``) whose call failed, for backends with several."""
 
 
 class BadRequest(DuoServeError):

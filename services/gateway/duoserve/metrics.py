@@ -124,6 +124,12 @@ class LoopMetric:
             self._children[key] = child
         return child
 
+    def remove(self, *values: str) -> None:
+        """Drop the series whose first labels are ``values`` (e.g. a replica that left)."""
+        prefix = tuple(str(v) for v in values)
+        for key in [k for k in self._children if k[: len(prefix)] == prefix]:
+            del self._children[key]
+
     def _new_child(self) -> Any:
         raise NotImplementedError
 
@@ -322,6 +328,63 @@ class Metrics:
             buckets=DIFF_BUCKETS,
             registry=registry,
         )
+
+        # Per replica of a remote backend (label endpoint = host:port, bounded by the replica
+        # count: a replica's series go when it leaves DNS).
+        self.endpoint_requests = LoopCounter(
+            "duoserve_endpoint_requests",
+            "Calls to one replica (endpoint) of a backend, whatever their outcome.",
+            ["backend", "endpoint"],
+            registry=registry,
+        )
+        self.endpoint_failures = LoopCounter(
+            "duoserve_endpoint_failures",
+            "Failed calls to one replica by reason (the ones that count towards ejecting it).",
+            ["backend", "endpoint", "reason"],
+            registry=registry,
+        )
+        self.endpoint_in_flight = LoopGauge(
+            "duoserve_endpoint_requests_in_flight",
+            "Calls to one replica in flight now.",
+            ["backend", "endpoint"],
+            registry=registry,
+        )
+        self.endpoint_up = LoopGauge(
+            "duoserve_endpoint_up",
+            "1 while a replica is in rotation, 0 while it is ejected as an outlier.",
+            ["backend", "endpoint"],
+            registry=registry,
+        )
+        self.endpoint_ejections = LoopCounter(
+            "duoserve_endpoint_ejections",
+            "Times a replica was ejected after failing calls in a row.",
+            ["backend", "endpoint"],
+            registry=registry,
+        )
+        self.backend_endpoints = LoopGauge(
+            "duoserve_backend_endpoints",
+            "Replicas of a backend by state: active, ejected, draining.",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self.endpoint_resolutions = LoopCounter(
+            "duoserve_endpoint_resolutions",
+            "Resolutions of a backend's host names by result: ok, empty, error (the last two "
+            "keep the last good set of replicas).",
+            ["backend", "result"],
+            registry=registry,
+        )
+
+    def forget_endpoint(self, backend: str, endpoint: str) -> None:
+        """Drop a replica's series once it has left."""
+        for metric in (
+            self.endpoint_requests,
+            self.endpoint_failures,
+            self.endpoint_in_flight,
+            self.endpoint_up,
+            self.endpoint_ejections,
+        ):
+            metric.remove(backend, endpoint)
 
     def set_circuit(self, backend: str, state: str) -> None:
         self.circuit_state.labels(backend).set(CIRCUIT_STATES[state])

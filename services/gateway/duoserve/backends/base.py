@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 from duoserve.resilience import Deadline
@@ -29,8 +30,19 @@ class Backend(ABC):
         """Open pools, load models. Called once when the app starts."""
 
     @abstractmethod
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        """Run one inference before the deadline."""
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        """Run one inference before the deadline.
+
+        ``avoid``: replicas (``error.endpoint`` of earlier attempts) that failed this request;
+        a backend with several replicas calls another one when it can."""
+
+    def healthy_elsewhere(self, endpoint: str | None) -> bool:
+        """Whether a replica other than ``endpoint`` is healthy, so that a failure there says
+        nothing about the backend as a whole (its circuit breaker then ignores it). A backend
+        with one replica has nowhere else: False."""
+        return False
 
     @abstractmethod
     async def ready(

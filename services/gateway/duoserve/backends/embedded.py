@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +306,9 @@ class EmbeddedBackend(Backend):
             )
         return slot, version, runtime
 
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
         slot, version, runtime = self._runtime(request)
         inputs = {tensor.name: tensor.data for tensor in request.inputs}
         wanted = [o.name for o in request.outputs] if request.outputs else []

@@ -3,6 +3,10 @@ that turns a backend's HTTP status into the gateway's error."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from duoserve.backends.endpoints import EndpointSet, Resolver, endpoint_names, resolve_host
 from duoserve.backends.httpclient import (
     ConnectError,
     ConnectionLostError,
@@ -11,6 +15,7 @@ from duoserve.backends.httpclient import (
     ProtocolError,
     Reply,
 )
+from duoserve.config import RemoteBackendConfig
 from duoserve.errors import (
     BadRequest,
     DuoServeError,
@@ -21,9 +26,18 @@ from duoserve.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 
-__all__ = ["PROBE_TIMEOUT_S", "HTTPPool", "Reply", "binary_headers", "call", "status_error"]
+__all__ = [
+    "PROBE_TIMEOUT_S",
+    "HTTPPool",
+    "Reply",
+    "binary_headers",
+    "call",
+    "http_endpoints",
+    "status_error",
+]
 
 # Readiness and metadata calls: short, whatever the backend's inference timeout.
 PROBE_TIMEOUT_S = 2.0
@@ -90,3 +104,33 @@ def status_error(status: int, server: str, what: str, detail: str = "") -> DuoSe
     if status in (408, 504):
         return UpstreamTimeout(f"{server} timed out running {what}")
     return UpstreamError(f"{server} failed running {what} (HTTP {status})")
+
+
+def http_endpoints(
+    backend: str,
+    url: str,
+    config: RemoteBackendConfig,
+    *,
+    what: str,
+    probe: Callable[[HTTPPool], Awaitable[bool]],
+    metrics: Metrics | None = None,
+    resolver: Resolver = resolve_host,
+) -> EndpointSet[HTTPPool]:
+    """The replicas of an HTTP backend at ``url`` (or its ``endpoints``), a connection pool each.
+    Every pool keeps the URL's scheme, path prefix and Host header."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    default = (parts.hostname, port) if parts.hostname else None
+    return EndpointSet(
+        backend,
+        endpoint_names(config.endpoints, default),
+        connect=lambda host, port: HTTPPool(url, config.max_concurrency, address=(host, port)),
+        disconnect=HTTPPool.close,
+        probe=probe,
+        what=what,
+        metrics=metrics,
+        resolve_interval_s=config.resolve_interval_s,
+        slow_start_s=config.slow_start_s,
+        outlier=config.outlier,
+        resolver=resolver,
+    )

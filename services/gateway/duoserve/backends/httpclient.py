@@ -229,7 +229,10 @@ class HTTPPool:
         keepalive_s: float = 15.0,
         connect_timeout_s: float = 5.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        address: tuple[str, int] | None = None,
     ) -> None:
+        """``address``: connect to this IP and port (one replica of the URL's host) instead of
+        resolving the URL's host; the Host header and TLS server name stay the URL's."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -242,6 +245,7 @@ class HTTPPool:
         default_port = self.port == (443 if self.ssl else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
+        self.connect_to = address or (self.host, self.port)
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.connect_timeout_s = connect_timeout_s
@@ -332,8 +336,7 @@ class HTTPPool:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self.max_response_bytes),
-                    self.host,
-                    self.port,
+                    *self.connect_to,
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None,
                 )

@@ -5,8 +5,7 @@ little-endian bytes; BYTES tensors as ``string_val``) on one long-lived channel,
 gateway's own wire-compatible messages in :mod:`duoserve.protos`, so no TensorFlow is needed.
 REST (port 8501) posts the columnar ``{"inputs": {...}}`` JSON on one pooled HTTP session.
 
-Readiness and metadata use REST when ``url`` is configured (plain HTTP is what probes and
-operators use), gRPC otherwise.
+Status, metadata and predictions all use the configured protocol, on every replica.
 
 Naming REST outputs: TF Serving answers a signature with a single output with a bare value, no
 name. The backend learns the signature's output names and dtypes once per (model, version,
@@ -20,7 +19,7 @@ import base64
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -28,8 +27,15 @@ import grpc
 import numpy as np
 import orjson
 
-from duoserve.backends.base import Backend
-from duoserve.backends.http import PROBE_TIMEOUT_S, HTTPPool, call, status_error
+from duoserve.backends.endpoints import (
+    EndpointSet,
+    ReplicatedBackend,
+    Resolver,
+    endpoint_names,
+    resolve_host,
+    split_host_port,
+)
+from duoserve.backends.http import PROBE_TIMEOUT_S, HTTPPool, call, http_endpoints, status_error
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.errors import (
     BadRequest,
@@ -41,6 +47,7 @@ from duoserve.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from duoserve.metrics import Metrics
 from duoserve.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -274,21 +281,79 @@ def _first_leaf(value: Any, kind: Any) -> bool:
     return isinstance(value, kind)
 
 
-class TFServingBackend(Backend):
-    """TensorFlow models on TensorFlow Serving."""
+class GrpcReplica:
+    """One TF Serving replica over gRPC: its channel and the methods the gateway calls."""
+
+    def __init__(self, host: str, port: int) -> None:
+        target = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.predict = self._method(PREDICT, predict_pb2.PredictResponse)
+        self.model_status = self._method(
+            GET_MODEL_STATUS, get_model_status_pb2.GetModelStatusResponse
+        )
+        self.model_metadata = self._method(
+            GET_MODEL_METADATA, get_model_metadata_pb2.GetModelMetadataResponse
+        )
+
+    def _method(self, name: str, response_cls: Any) -> Any:
+        return self.channel.unary_unary(
+            name,
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=response_cls.FromString,
+        )
+
+    async def close(self) -> None:
+        # Calls still running (a replica that returned from ejection, say) get a moment.
+        await self.channel.close(grace=5.0)
+
+
+class TFServingBackend(ReplicatedBackend[Any]):
+    """TensorFlow models on TensorFlow Serving: one or several replicas (backends/endpoints.py),
+    each reached over the configured protocol, gRPC or REST, for predictions, status and
+    metadata alike."""
 
     kind = "tfserving"
 
-    def __init__(self, name: str, config: TFServingBackendConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: TFServingBackendConfig,
+        *,
+        metrics: Metrics | None = None,
+        resolver: Resolver = resolve_host,
+    ) -> None:
         super().__init__(name)
         self.config = config
-        self.base = config.url.rstrip("/") if config.url else None
-        self._channel: grpc.aio.Channel | None = None
-        self._pool = HTTPPool(config.url, config.max_concurrency) if config.url else None
-        self._closed = False
+        self.rest = config.protocol == "rest"
         # (model, version, signature) -> {output name: V2 datatype or None}
         self._outputs: dict[tuple[str, str | None, str], dict[str, str | None] | None] = {}
         self._declared: dict[str, list[TensorSpec]] = {}
+        if self.rest:
+            assert config.url is not None  # the config's own check
+            self.endpoints = http_endpoints(
+                name,
+                config.url,
+                config,
+                what="TF Serving",
+                probe=self._rest_healthy,
+                metrics=metrics,
+                resolver=resolver,
+            )
+        else:
+            default = split_host_port(config.grpc) if config.grpc else None
+            self.endpoints = EndpointSet(
+                name,
+                endpoint_names(config.endpoints, default),
+                connect=GrpcReplica,
+                disconnect=GrpcReplica.close,
+                probe=self._grpc_healthy,
+                what="TF Serving",
+                metrics=metrics,
+                resolve_interval_s=config.resolve_interval_s,
+                slow_start_s=config.slow_start_s,
+                outlier=config.outlier,
+                resolver=resolver,
+            )
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -298,48 +363,19 @@ class TFServingBackend(Backend):
         """The signature models.yaml declares: names a REST answer's lone output if need be."""
         self._declared.setdefault(model, list(outputs))
 
-    def _grpc(self) -> grpc.aio.Channel:
-        if self._closed:
-            raise Unavailable("the TF Serving backend is shut down", reason="closed")
-        if self._channel is None:
-            if not self.config.grpc:
-                raise UpstreamError(f"backend '{self.name}' has no gRPC address configured")
-            self._channel = grpc.aio.insecure_channel(self.config.grpc, options=_CHANNEL_OPTIONS)
-        return self._channel
-
-    def _http(self) -> HTTPPool:
-        if self._pool is None:
-            raise UpstreamError(f"backend '{self.name}' has no REST url configured")
-        return self._pool
-
     def _rest_path(self, model: str, version: str | None) -> str:
-        if self.base is None:
-            raise UpstreamError(f"backend '{self.name}' has no REST url configured")
         path = f"/v1/models/{quote(model, safe='')}"
         if version:
             kind = "versions" if version.isdigit() else "labels"
             path += f"/{kind}/{quote(version, safe='')}"
         return path
 
-    async def start(self) -> None:
-        if self.config.protocol == "grpc" or not self.base:
-            self._grpc()
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-        if self._pool is not None:
-            await self._pool.close()
-
-    async def _unary(self, method: str, request: Any, response_cls: Any, timeout: float) -> Any:
-        call = self._grpc().unary_unary(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_cls.FromString,
-        )
-        return await call(request, timeout=timeout)
+    async def _grpc_call(self, method: Any, request: Any, timeout: float) -> Any:
+        """One unary call; a channel closed under it (shutdown) is Unavailable."""
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.UsageError as error:
+            raise Unavailable(f"TF Serving backend '{self.name}' is closed") from error
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -385,22 +421,28 @@ class TFServingBackend(Backend):
             log.warning("backend %s: TF Serving answered HTTP %s: %s", self.name, status, detail)
         return status_error(status, "TF Serving", what, detail)
 
-    async def _get_json(self, target: str, what: str, timeout: float) -> Any:
-        reply = await call(
-            self._http(), "GET", target, what="TF Serving", deadline=Deadline(timeout)
-        )
+    async def _get_json(self, pool: HTTPPool, target: str, what: str, timeout: float) -> Any:
+        reply = await call(pool, "GET", target, what="TF Serving", deadline=Deadline(timeout))
         if reply.status != 200:
             raise self._http_error(reply.status, reply.body, what)
         return _loads(reply.body)
 
     # -- inference ------------------------------------------------------------------------
 
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        if self.config.protocol == "rest":
-            return await self._infer_rest(request, deadline)
-        return await self._infer_grpc(request, deadline)
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        if self.rest:
+            return await self.endpoints.call(
+                lambda pool: self._infer_rest(pool, request, deadline), avoid
+            )
+        return await self.endpoints.call(
+            lambda replica: self._infer_grpc(replica, request, deadline), avoid
+        )
 
-    async def _infer_grpc(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def _infer_grpc(
+        self, replica: GrpcReplica, request: InferenceRequest, deadline: Deadline
+    ) -> InferenceResponse:
         what = _what(request.model, request.version)
         signature = str(request.parameters.get("signature_name") or DEFAULT_SIGNATURE)
         message = predict_pb2.PredictRequest(
@@ -411,11 +453,9 @@ class TFServingBackend(Backend):
             message.inputs[tensor.name].CopyFrom(encode_tensor(tensor))
         timeout = deadline.check("the TF Serving call")
         try:
-            answer = await self._unary(PREDICT, message, predict_pb2.PredictResponse, timeout)
+            answer = await self._grpc_call(replica.predict, message, timeout)
         except grpc.aio.AioRpcError as error:
             raise self._grpc_error(error, what, deadline) from None
-        except grpc.aio.UsageError as error:  # the channel was closed under us (shutdown)
-            raise Unavailable(f"TF Serving backend '{self.name}' is closed") from error
         names = [o.name for o in request.outputs] if request.outputs else list(answer.outputs)
         outputs = []
         for name in names:
@@ -431,13 +471,15 @@ class TFServingBackend(Backend):
             model_name=request.model, model_version=version, outputs=outputs, id=request.id
         )
 
-    async def _infer_rest(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def _infer_rest(
+        self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
+    ) -> InferenceResponse:
         what = _what(request.model, request.version)
         signature = str(request.parameters.get("signature_name") or DEFAULT_SIGNATURE)
         body = _predict_body(signature, request.inputs)
         target = self._rest_path(request.model, request.version) + ":predict"
         reply = await call(
-            self._http(),
+            pool,
             "POST",
             target,
             what="TF Serving",
@@ -452,7 +494,7 @@ class TFServingBackend(Backend):
             value = doc["outputs"]
         except (ValueError, KeyError, TypeError):
             raise UpstreamError(f"TF Serving answered {what} in an unexpected format") from None
-        signature_outputs = await self._signature_outputs(request, signature, deadline)
+        signature_outputs = await self._signature_outputs(pool, request, signature, deadline)
         requested = [o.name for o in request.outputs] if request.outputs else None
         if isinstance(value, dict) and not (set(value) == {"b64"}):
             named = value
@@ -496,14 +538,17 @@ class TFServingBackend(Backend):
         return None
 
     async def _signature_outputs(
-        self, request: InferenceRequest, signature: str, deadline: Deadline
+        self, pool: HTTPPool, request: InferenceRequest, signature: str, deadline: Deadline
     ) -> dict[str, str | None] | None:
         """Output names and V2 types of the signature, from TF Serving's metadata (cached)."""
         key = (request.model, request.version, signature)
         if key not in self._outputs:
             try:
                 meta = await self._metadata_rest(
-                    request.model, request.version, min(deadline.remaining(), PROBE_TIMEOUT_S)
+                    pool,
+                    request.model,
+                    request.version,
+                    min(deadline.remaining(), PROBE_TIMEOUT_S),
                 )
             except DuoServeError as error:
                 log.info("backend %s: no metadata for %s: %s", self.name, key, error.message)
@@ -526,42 +571,58 @@ class TFServingBackend(Backend):
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
-        """Whether any version of the model (or the one asked for) is AVAILABLE."""
+        """Whether a replica in rotation has any version of the model (or the one asked for)
+        AVAILABLE."""
+        if self.rest:
+            return await self.endpoints.first(lambda pool: self._rest_ready(pool, model, version))
+        return await self.endpoints.first(lambda replica: self._grpc_ready(replica, model, version))
+
+    async def _rest_ready(self, pool: HTTPPool, model: str, version: str | None) -> bool:
         try:
-            if self.base:
-                doc = await self._get_json(
-                    self._rest_path(model, version), _what(model, version), PROBE_TIMEOUT_S
-                )
-                return any(s.get("state") == "AVAILABLE" for s in doc["model_version_status"])
+            doc = await self._get_json(
+                pool, self._rest_path(model, version), _what(model, version), PROBE_TIMEOUT_S
+            )
+            return any(s.get("state") == "AVAILABLE" for s in doc["model_version_status"])
+        except Exception:  # noqa: BLE001 - a probe reports False, it never raises
+            return False
+
+    async def _grpc_ready(self, replica: GrpcReplica, model: str, version: str | None) -> bool:
+        try:
             request = get_model_status_pb2.GetModelStatusRequest(
                 model_spec=_model_spec(model, version, None)
             )
-            answer = await self._unary(
-                GET_MODEL_STATUS,
-                request,
-                get_model_status_pb2.GetModelStatusResponse,
-                PROBE_TIMEOUT_S,
-            )
+            answer = await self._grpc_call(replica.model_status, request, PROBE_TIMEOUT_S)
             available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
             return any(s.state == available for s in answer.model_version_status)
         except Exception:  # noqa: BLE001 - a probe reports False, it never raises
             return False
 
+    async def _rest_healthy(self, pool: HTTPPool) -> bool:
+        """A replica's health, to end its ejection: a model it should serve is AVAILABLE."""
+        return all([await self._rest_ready(pool, model, None) for model in self._declared])
+
+    async def _grpc_healthy(self, replica: GrpcReplica) -> bool:
+        return all([await self._grpc_ready(replica, model, None) for model in self._declared])
+
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         """``{"model_spec": {...}, "signature_def": {name: {inputs, outputs, method_name}}}``."""
         timeout = self.config.timeout_ms / 1000
-        if self.base:
-            return await self._metadata_rest(model, version, timeout)
+        if self.rest:
+            return await self.endpoints.call(
+                lambda pool: self._metadata_rest(pool, model, version, timeout)
+            )
+        return await self.endpoints.call(
+            lambda replica: self._metadata_grpc(replica, model, version, timeout)
+        )
+
+    async def _metadata_grpc(
+        self, replica: GrpcReplica, model: str, version: str | None, timeout: float
+    ) -> dict[str, Any]:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=_model_spec(model, version, None), metadata_field=["signature_def"]
         )
         try:
-            answer = await self._unary(
-                GET_MODEL_METADATA,
-                request,
-                get_model_metadata_pb2.GetModelMetadataResponse,
-                timeout,
-            )
+            answer = await self._grpc_call(replica.model_metadata, request, timeout)
         except grpc.aio.AioRpcError as error:
             raise self._grpc_error(error, _what(model, version), None) from None
         if "signature_def" not in answer.metadata:
@@ -586,10 +647,10 @@ class TFServingBackend(Backend):
         }
 
     async def _metadata_rest(
-        self, model: str, version: str | None, timeout: float
+        self, pool: HTTPPool, model: str, version: str | None, timeout: float
     ) -> dict[str, Any]:
         doc = await self._get_json(
-            self._rest_path(model, version) + "/metadata", _what(model, version), timeout
+            pool, self._rest_path(model, version) + "/metadata", _what(model, version), timeout
         )
         try:
             spec = doc["model_spec"]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,13 +24,14 @@ from urllib.parse import quote
 import numpy as np
 import orjson
 
-from duoserve.backends.base import Backend
+from duoserve.backends.endpoints import ReplicatedBackend, Resolver, resolve_host
 from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
     binary_headers,
     call,
+    http_endpoints,
     status_error,
 )
 from duoserve.config import TorchServeBackendConfig
@@ -37,6 +39,7 @@ from duoserve.errors import (
     DuoServeError,
     UpstreamError,
 )
+from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 from duoserve.tensors import (
     InferenceRequest,
@@ -90,15 +93,30 @@ def json_body(request: InferenceRequest) -> bytes:
     )
 
 
-class TorchServeBackend(Backend):
-    """PyTorch models on TorchServe."""
+class TorchServeBackend(ReplicatedBackend[HTTPPool]):
+    """PyTorch models on TorchServe: one or several replicas (see backends/endpoints.py)."""
 
     kind = "torchserve"
 
-    def __init__(self, name: str, config: TorchServeBackendConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: TorchServeBackendConfig,
+        *,
+        metrics: Metrics | None = None,
+        resolver: Resolver = resolve_host,
+    ) -> None:
         super().__init__(name)
         self.config = config
-        self._pool = HTTPPool(config.url, config.max_concurrency)
+        self.endpoints = http_endpoints(
+            name,
+            config.url,
+            config,
+            what="TorchServe",
+            probe=self._ping,
+            metrics=metrics,
+            resolver=resolver,
+        )
         self._binary = config.binary_tensors
         self._token: str | None = None
         self._token_mtime = 0.0
@@ -130,12 +148,21 @@ class TorchServeBackend(Backend):
         self._auth_header = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         return self._auth_header
 
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        return await self.endpoints.call(
+            lambda pool: self._infer_on(pool, request, deadline), avoid
+        )
+
+    async def _infer_on(
+        self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
+    ) -> InferenceResponse:
         path = f"/predictions/{quote(request.model, safe='')}"
         if request.version:
             path += f"/{quote(request.version, safe='')}"
         binary = self._binary and all(t.datatype != "BYTES" for t in request.inputs)
-        reply = await self._post(path, request, deadline, binary)
+        reply = await self._post(pool, path, request, deadline, binary)
         if binary and reply.status == 400 and _JSON_ONLY_HANDLER in reply.body:
             # An archive built with a handler that reads JSON only (e.g. mid rolling upgrade):
             # it refused the bytes before running anything. JSON from now on for this backend.
@@ -145,13 +172,13 @@ class TorchServeBackend(Backend):
                 self.name,
             )
             self._binary = False
-            reply = await self._post(path, request, deadline, False)
+            reply = await self._post(pool, path, request, deadline, False)
         if reply.status != 200:
             raise self._status_error(reply.status, reply.body, request)
         return self._decode(reply.body, request)
 
     async def _post(
-        self, path: str, request: InferenceRequest, deadline: Deadline, binary: bool
+        self, pool: HTTPPool, path: str, request: InferenceRequest, deadline: Deadline, binary: bool
     ) -> Reply:
         if binary:
             body, header_length = binary_request(request.inputs)
@@ -160,7 +187,7 @@ class TorchServeBackend(Backend):
             body = json_body(request)
             headers = {"Content-Type": "application/json", **self._auth()}
         return await call(
-            self._pool,
+            pool,
             "POST",
             path,
             what="TorchServe",
@@ -215,11 +242,15 @@ class TorchServeBackend(Backend):
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
+        """Whether a replica in rotation is Healthy."""
+        return await self.endpoints.first(self._ping)
+
+    async def _ping(self, pool: HTTPPool) -> bool:
         """/ping is Healthy only while every registered model has its minimum workers.
         (TorchServe 0.12 wants the inference key on /ping too.)"""
         try:
             reply = await call(
-                self._pool,
+                pool,
                 "GET",
                 "/ping",
                 what="TorchServe",
@@ -232,6 +263,3 @@ class TorchServeBackend(Backend):
             return isinstance(doc, dict) and doc.get("status") == "Healthy"
         except (orjson.JSONDecodeError, DuoServeError):
             return False
-
-    async def close(self) -> None:
-        await self._pool.close()

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import orjson
 
-from duoserve.backends.base import Backend
+from duoserve.backends.endpoints import ReplicatedBackend, Resolver, resolve_host
 from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
     binary_headers,
     call,
+    http_endpoints,
     status_error,
 )
 from duoserve.config import V2BackendConfig
@@ -26,6 +28,7 @@ from duoserve.errors import (
     DuoServeError,
     UpstreamError,
 )
+from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 from duoserve.tensors import (
     InferenceRequest,
@@ -42,15 +45,31 @@ log = logging.getLogger(__name__)
 WHAT = "Open Inference Protocol"
 
 
-class V2Backend(Backend):
-    """Calls ``POST /v2/models/{m}[/versions/{v}]/infer`` on an Open Inference Protocol server."""
+class V2Backend(ReplicatedBackend[HTTPPool]):
+    """Calls ``POST /v2/models/{m}[/versions/{v}]/infer`` on an Open Inference Protocol server
+    (one or several replicas, see backends/endpoints.py)."""
 
     kind = "v2"
 
-    def __init__(self, name: str, config: V2BackendConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: V2BackendConfig,
+        *,
+        metrics: Metrics | None = None,
+        resolver: Resolver = resolve_host,
+    ) -> None:
         super().__init__(name)
         self.config = config
-        self._pool = HTTPPool(config.url, config.max_concurrency)
+        self.endpoints = http_endpoints(
+            name,
+            config.url,
+            config,
+            what=WHAT,
+            probe=self._server_ready,
+            metrics=metrics,
+            resolver=resolver,
+        )
         # Read once, like every other credential the gateway holds; a secret mounted from a
         # file often ends in a newline.
         token = os.environ.get(config.token_env, "").strip() if config.token_env else ""
@@ -71,11 +90,20 @@ class V2Backend(Backend):
             ]
         return binary_request(request.inputs, **fields)
 
-    async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        return await self.endpoints.call(
+            lambda pool: self._infer_on(pool, request, deadline), avoid
+        )
+
+    async def _infer_on(
+        self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
+    ) -> InferenceResponse:
         body, header_length = self.encode(request)
         headers = {**binary_headers(header_length), **self._auth}
         reply = await call(
-            self._pool,
+            pool,
             "POST",
             self._path(request.model, request.version) + "/infer",
             what=WHAT,
@@ -135,15 +163,29 @@ class V2Backend(Backend):
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
     ) -> bool:
+        """Whether a replica in rotation has the model ready."""
+        target = self._path(model, version) + "/ready"
+
+        async def model_ready(pool: HTTPPool) -> bool:
+            try:
+                return (await self._get(pool, target)).status == 200
+            except DuoServeError:
+                return False
+
+        return await self.endpoints.first(model_ready)
+
+    async def _server_ready(self, pool: HTTPPool) -> bool:
+        """A replica's own health (``GET /v2/health/ready``): whether it may return to rotation."""
         try:
-            reply = await self._get(self._path(model, version) + "/ready")
+            return (await self._get(pool, "/v2/health/ready")).status == 200
         except DuoServeError:
             return False
-        return reply.status == 200
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         try:
-            reply = await self._get(self._path(model, version))
+            reply = await self.endpoints.call(
+                lambda pool: self._get(pool, self._path(model, version))
+            )
             if reply.status != 200:
                 return {}
             doc: dict[str, Any] = orjson.loads(reply.body)
@@ -151,15 +193,12 @@ class V2Backend(Backend):
         except (orjson.JSONDecodeError, DuoServeError):
             return {}
 
-    async def _get(self, target: str) -> Reply:
+    async def _get(self, pool: HTTPPool, target: str) -> Reply:
         return await call(
-            self._pool,
+            pool,
             "GET",
             target,
             what=WHAT,
             deadline=Deadline(PROBE_TIMEOUT_S),
             headers=self._auth,
         )
-
-    async def close(self) -> None:
-        await self._pool.close()
