@@ -468,6 +468,55 @@ def _overview_rows() -> tuple[Row, ...]:
             ),
         ),
         Row(
+            "Backend replicas",
+            (
+                Panel(
+                    "Requests per backend replica",
+                    "Calls per second the gateway sends to each replica (pod) of each backend. "
+                    "Replicas of one backend carry about equal shares; one far below its "
+                    "siblings is slow (the gateway steers away from it), warming up after "
+                    "joining, or ejected.",
+                    (
+                        Query(
+                            f"sum by (backend, endpoint) "
+                            f"(rate(duoserve_endpoint_requests_total[{RATE}]))",
+                            "{{backend}} {{endpoint}}",
+                        ),
+                    ),
+                    unit="reqps",
+                    width=8,
+                ),
+                Panel(
+                    "Backend replicas by state",
+                    "Replicas each backend's name resolves to: active (in rotation), ejected "
+                    "after failing calls in a row (DuoServeBackendReplicasEjected after 5 "
+                    "minutes), draining (left DNS, finishing their calls).",
+                    (
+                        Query(
+                            "sum by (backend, state) (duoserve_backend_endpoints)",
+                            "{{backend}} {{state}}",
+                        ),
+                    ),
+                    stack=True,
+                    width=8,
+                ),
+                Panel(
+                    "Replica failures per second",
+                    "Failed calls per replica by reason: the failures that count towards "
+                    "ejecting it. Failures on one replica only point at that pod.",
+                    (
+                        Query(
+                            f"sum by (backend, endpoint, reason) "
+                            f"(rate(duoserve_endpoint_failures_total[{RATE}]))",
+                            "{{backend}} {{endpoint}} {{reason}}",
+                        ),
+                    ),
+                    unit="reqps",
+                    width=8,
+                ),
+            ),
+        ),
+        Row(
             "TorchServe",
             (
                 Panel(

@@ -78,7 +78,20 @@ PROMETHEUS_METRICS = frozenset({"up"})
 
 # Gateway metrics that have no series until their event happens (a backend error, a shed
 # request, a shadow copy, ...): a live check with only healthy traffic cannot expect them.
-EVENT_DRIVEN_GATEWAY_METRICS = frozenset(
+# Series of the replicas of remote backends: none while a gateway serves only embedded models
+# (failures, ejections and resolutions not even with remote ones until such an event happens).
+REPLICA_METRICS = frozenset(
+    {
+        "duoserve_endpoint_requests_total",
+        "duoserve_endpoint_requests_in_flight",
+        "duoserve_endpoint_up",
+        "duoserve_backend_endpoints",
+        "duoserve_endpoint_failures_total",
+        "duoserve_endpoint_ejections_total",
+        "duoserve_endpoint_resolutions_total",
+    }
+)
+EVENT_DRIVEN_GATEWAY_METRICS = REPLICA_METRICS | frozenset(
     {
         "duoserve_backend_errors_total",
         "duoserve_shed_requests_total",

@@ -56,6 +56,8 @@ ABSENT_ON_HEALTHY_TRAFFIC = frozenset(
         "duoserve_retries_total",
         "duoserve_failovers_total",
         "Requests5XX",
+        # Each backend is one healthy replica here: no replica fails a call.
+        "duoserve_endpoint_failures_total",
     }
 )
 
@@ -174,6 +176,7 @@ def test_every_panel_and_rule_has_data_for_both_frameworks(
     checked_panels = {label.split(" | ")[1] for label in report.checked if " | " in label}
     backend_panels = PANELS_OF_SOURCE["torchserve"] | PANELS_OF_SOURCE["tfserving"]
     assert backend_panels <= checked_panels
+    assert {"Requests per backend replica", "Backend replicas by state"} <= checked_panels
     assert {f"rule {name}" for name in recording_rules()} <= set(report.checked)
     assert set().union(*report.no_events_yet.values()) == ABSENT_ON_HEALTHY_TRAFFIC
     unchecked_backend_queries = {

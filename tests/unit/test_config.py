@@ -14,6 +14,7 @@ from duoserve.config import (
     EmbeddedBackendConfig,
     GatewayConfig,
     TFServingBackendConfig,
+    TorchServeBackendConfig,
     load_config,
     parse_config,
 )
@@ -215,3 +216,59 @@ def test_error_names_the_file(tmp_path: Path) -> None:
         load_config(path)
     assert str(path) in str(caught.value)
     assert "models.digits.failover" in str(caught.value)
+
+
+# -- replicas (endpoints, resolution, balancing, ejection) -----------------------------------
+
+
+def test_replica_settings_have_documented_defaults() -> None:
+    data = _config()
+    data["backends"]["ts"] = {"kind": "torchserve", "url": "http://torchserve:8080"}
+    backend = parse_config(data).backends["ts"]
+    assert isinstance(backend, TorchServeBackendConfig)
+    assert backend.endpoints is None
+    assert (backend.resolve_interval_s, backend.slow_start_s) == (5.0, 10.0)
+    outlier = backend.outlier
+    assert (outlier.consecutive_failures, outlier.base_ejection_s) == (5, 1.0)
+    assert (outlier.max_ejection_s, outlier.max_ejected_percent) == (30.0, 50)
+
+
+def test_tfserving_grpc_may_list_its_replicas_instead_of_an_address() -> None:
+    data = _config()
+    data["backends"]["tf"] = {
+        "kind": "tfserving",
+        "endpoints": ["tfserving-0.tfserving:8500", "10.0.0.7:8500", "[fd00::7]:8500"],
+        "outlier": {"consecutive_failures": 3},
+    }
+    backend = parse_config(data).backends["tf"]
+    assert isinstance(backend, TFServingBackendConfig)
+    assert backend.endpoints == ["tfserving-0.tfserving:8500", "10.0.0.7:8500", "[fd00::7]:8500"]
+    assert backend.outlier.consecutive_failures == 3
+
+
+@pytest.mark.parametrize(
+    ("backend", "where", "words"),
+    [
+        ({"endpoints": ["torchserve"]}, "backends.ts.endpoints.0", "should match pattern"),
+        ({"endpoints": ["http://ts:8080"]}, "backends.ts.endpoints.0", "should match pattern"),
+        ({"endpoints": ["ts:99999"]}, "backends.ts.endpoints", "between 1 and 65535"),
+        ({"endpoints": ["ts:8080", "ts:8080"]}, "backends.ts.endpoints", "listed twice"),
+        ({"endpoints": []}, "backends.ts.endpoints", "at least 1 item"),
+        ({"resolve_interval_s": 0}, "backends.ts.resolve_interval_s", "greater than 0"),
+        ({"slow_start_s": -1}, "backends.ts.slow_start_s", "greater than or equal to 0"),
+        ({"outlier": {"consecutive_failures": 0}}, "backends.ts.outlier.consecutive_failures",
+         "greater than or equal to 1"),
+        ({"outlier": {"max_ejected_percent": 120}}, "backends.ts.outlier.max_ejected_percent",
+         "less than or equal to 100"),
+        ({"outlier": {"base_ejection_s": 10, "max_ejection_s": 5}}, "backends.ts.outlier",
+         "max_ejection_s must be at least base_ejection_s"),
+        ({"outlier": {"eject_after": 3}}, "backends.ts.outlier.eject_after", "Extra inputs"),
+    ],
+)  # fmt: skip
+def test_bad_replica_settings_name_their_key(
+    backend: dict[str, Any], where: str, words: str
+) -> None:
+    data = _config()
+    data["backends"]["ts"] = {"kind": "torchserve", "url": "http://torchserve:8080", **backend}
+    message = _error(data)
+    assert f"{where}:" in message and words in message, message
