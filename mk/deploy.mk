@@ -17,7 +17,7 @@ images: ## Build the model store, the gateway and the CPU backend images
 	docker build -f services/gateway/Dockerfile --build-arg VERSION=$(DEPLOY_VERSION) \
 		-t $(IMAGE_PREFIX)/gateway:$(DEPLOY_VERSION) .
 	docker build -f services/torchserve/Dockerfile $(MODEL_STORE_CONTEXT) \
-		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TORCHSERVE_TAG=0.12.0-cpu \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg VARIANT=cpu \
 		-t $(IMAGE_PREFIX)/torchserve:$(DEPLOY_VERSION)-cpu .
 	docker build -f services/tfserving/Dockerfile $(MODEL_STORE_CONTEXT) \
 		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TF_SERVING_TAG=2.21.0 \
@@ -25,7 +25,7 @@ images: ## Build the model store, the gateway and the CPU backend images
 
 images-gpu: images ## Also build the -gpu backend images
 	docker build -f services/torchserve/Dockerfile $(MODEL_STORE_CONTEXT) \
-		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TORCHSERVE_TAG=0.12.0-gpu \
+		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg VARIANT=gpu \
 		-t $(IMAGE_PREFIX)/torchserve:$(DEPLOY_VERSION)-gpu .
 	docker build -f services/tfserving/Dockerfile $(MODEL_STORE_CONTEXT) \
 		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TF_SERVING_TAG=2.21.0-gpu \
