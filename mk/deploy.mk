@@ -10,7 +10,13 @@ DEPLOY_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 # The backends take the model files from the model-builder image as a named build context.
 MODEL_STORE_CONTEXT = --build-context model-store=docker-image://$(IMAGE_PREFIX)/model-store:$(DEPLOY_VERSION)
 
-.PHONY: images images-gpu up up-gpu down k8s-render k8s-apply k8s-check k8s-generate
+# One GPU per backend: TorchServe on GPU 0, TF Serving on GPU 1, or also on GPU 0 when the host
+# has a single GPU (TF Serving then keeps to TFSERVING_GPU_MEMORY_FRACTION of it).
+TORCHSERVE_GPU ?= 0
+TFSERVING_GPU ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -ge 2 ] && echo 1 || echo 0)
+
+.PHONY: images images-gpu compose-preflight up up-gpu down \
+	k8s-render k8s-apply k8s-check k8s-generate
 
 images: ## Build the model store, the gateway and the CPU backend images
 	docker build -f models/Dockerfile --target store -t $(IMAGE_PREFIX)/model-store:$(DEPLOY_VERSION) .
@@ -31,12 +37,15 @@ images-gpu: images ## Also build the -gpu backend images
 		--build-arg VERSION=$(DEPLOY_VERSION) --build-arg TF_SERVING_TAG=2.21.0-gpu \
 		-t $(IMAGE_PREFIX)/tfserving:$(DEPLOY_VERSION)-gpu .
 
-up: ## Build and start the CPU stack (needs GRAFANA_ADMIN_PASSWORD and DUOSERVE_API_KEYS_PATH)
+compose-preflight: ## What compose would only find out when a container fails (the keys file's mode)
+	@$(DEPLOY_PYTHON) deploy/compose/preflight.py
+
+up: compose-preflight ## Build and start the CPU stack (needs GRAFANA_ADMIN_PASSWORD and DUOSERVE_API_KEYS_PATH)
 	$(COMPOSE) up -d --build
 	@echo "gateway http://127.0.0.1:8000  prometheus http://127.0.0.1:9090  grafana http://127.0.0.1:3000"
 
-up-gpu: ## Same with GPU backends and the DCGM exporter (NVIDIA Container Toolkit)
-	$(COMPOSE_GPU) up -d --build
+up-gpu: compose-preflight ## Same with GPU backends and the DCGM exporter (NVIDIA Container Toolkit)
+	TORCHSERVE_GPU=$(TORCHSERVE_GPU) TFSERVING_GPU=$(TFSERVING_GPU) $(COMPOSE_GPU) up -d --build
 	@echo "gateway http://127.0.0.1:8000  prometheus http://127.0.0.1:9090  grafana http://127.0.0.1:3000"
 
 # Compose interpolates the whole file even to stop it: placeholders stand in for the required

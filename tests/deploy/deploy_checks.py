@@ -5,6 +5,7 @@ Each check returns a list of human-readable problems; an empty list means the po
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -313,3 +314,18 @@ def label_problems(docs: list[Doc]) -> list[str]:
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_module(path: Path) -> Any:
+    """A Python file of the repository that is not in a package (an entrypoint, a script)."""
+    spec = importlib.util.spec_from_file_location(f"duoserve_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchserve_stop_timeout_s() -> float:
+    """Seconds the TorchServe image's entrypoint gives TorchServe after SIGTERM."""
+    entrypoint = load_module(ROOT / "services/torchserve/entrypoint.py")
+    return float(entrypoint.STOP_TIMEOUT_S)
