@@ -14,8 +14,9 @@ MODEL_STORE_CONTEXT = --build-context model-store=docker-image://$(IMAGE_PREFIX)
 # has a single GPU (TF Serving then keeps to TFSERVING_GPU_MEMORY_FRACTION of it).
 TORCHSERVE_GPU ?= 0
 TFSERVING_GPU ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -ge 2 ] && echo 1 || echo 0)
+SMOKE_DIR ?= .smoke
 
-.PHONY: images images-gpu compose-preflight up up-gpu down \
+.PHONY: images images-gpu compose-preflight up up-gpu down smoke smoke-gpu \
 	k8s-render k8s-apply k8s-check k8s-generate
 
 images: ## Build the model store, the gateway and the CPU backend images
@@ -47,6 +48,21 @@ up: compose-preflight ## Build and start the CPU stack (needs GRAFANA_ADMIN_PASS
 up-gpu: compose-preflight ## Same with GPU backends and the DCGM exporter (NVIDIA Container Toolkit)
 	TORCHSERVE_GPU=$(TORCHSERVE_GPU) TFSERVING_GPU=$(TFSERVING_GPU) $(COMPOSE_GPU) up -d --build
 	@echo "gateway http://127.0.0.1:8000  prometheus http://127.0.0.1:9090  grafana http://127.0.0.1:3000"
+
+# The first thing to run on a machine with Docker. A throwaway API key in $(SMOKE_DIR)/ (the
+# stack restarts with it; `make up` with your own keys afterwards), then deploy/smoke.py: one
+# request per framework through every front door, Prometheus scraping all three, Grafana up.
+smoke: ## Start the CPU stack and check both frameworks through every front door (Docker)
+	$(DEPLOY_PYTHON) deploy/smoke.py prepare $(SMOKE_DIR)
+	set -a && . $(SMOKE_DIR)/env && set +a && $(MAKE) --no-print-directory up \
+		&& $(DEPLOY_PYTHON) deploy/smoke.py check --api-key-file $(SMOKE_DIR)/api-key \
+		|| { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; echo "make smoke FAILED" >&2; exit 1; }
+
+smoke-gpu: ## The same with the GPU stack (make up-gpu)
+	$(DEPLOY_PYTHON) deploy/smoke.py prepare $(SMOKE_DIR)
+	set -a && . $(SMOKE_DIR)/env && set +a && $(MAKE) --no-print-directory up-gpu \
+		&& $(DEPLOY_PYTHON) deploy/smoke.py check --api-key-file $(SMOKE_DIR)/api-key \
+		|| { $(COMPOSE_GPU) ps -a; $(COMPOSE_GPU) logs --tail 40; echo "make smoke-gpu FAILED" >&2; exit 1; }
 
 # Compose interpolates the whole file even to stop it: placeholders stand in for the required
 # variables, which `down` never uses.
