@@ -228,19 +228,26 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def published_host() -> str:
+    """Where compose publishes the gateway, Prometheus and Grafana (DUOSERVE_BIND_ADDRESS)."""
+    host = os.environ.get("DUOSERVE_BIND_ADDRESS") or "127.0.0.1"
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
 def main(argv: list[str] | None = None) -> int:
+    host = published_host()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="write a throwaway API key and keys file")
     p.add_argument("dir")
     c = commands.add_parser("check", help="check a running stack")
-    c.add_argument("--url", default=os.environ.get("DUOSERVE_URL", "http://127.0.0.1:8000"))
+    c.add_argument("--url", default=os.environ.get("DUOSERVE_URL", f"http://{host}:8000"))
     keys = c.add_mutually_exclusive_group(required=True)
     keys.add_argument("--api-key")
     keys.add_argument("--api-key-file")
-    c.add_argument("--prometheus-url", default="http://127.0.0.1:9090")
+    c.add_argument("--prometheus-url", default=f"http://{host}:9090")
     c.add_argument("--no-prometheus", dest="prometheus_url", action="store_const", const="")
-    c.add_argument("--grafana-url", default="http://127.0.0.1:3000")
+    c.add_argument("--grafana-url", default=f"http://{host}:3000")
     c.add_argument("--no-grafana", dest="grafana_url", action="store_const", const="")
     c.add_argument(
         "--wait-s", type=float, default=300.0, help="how long a starting stack may take (300)"
