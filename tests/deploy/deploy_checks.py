@@ -5,6 +5,7 @@ Each check returns a list of human-readable problems; an empty list means the po
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -75,7 +76,7 @@ def find(docs: list[Doc], kind: str, name: str) -> Doc | None:
     return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
 
 
-def _prestop_seconds(container: Doc) -> int | None:
+def prestop_seconds(container: Doc) -> int | None:
     pre = container.get("lifecycle", {}).get("preStop")
     if not pre:
         return None
@@ -103,7 +104,7 @@ def container_problems(docs: list[Doc]) -> list[str]:
             for probe in ("readinessProbe", "livenessProbe"):
                 if probe not in c:
                     problems.append(f"{where}: no {probe}")
-            pause = _prestop_seconds(c)
+            pause = prestop_seconds(c)
             if not pause:
                 problems.append(f"{where}: no preStop pause")
             elif grace <= pause:
@@ -313,3 +314,103 @@ def label_problems(docs: list[Doc]) -> list[str]:
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_module(path: Path) -> Any:
+    """A Python file of the repository that is not in a package (an entrypoint, a script)."""
+    spec = importlib.util.spec_from_file_location(f"duoserve_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchserve_stop_timeout_s() -> float:
+    """Seconds the TorchServe image's entrypoint gives TorchServe after SIGTERM."""
+    entrypoint = load_module(ROOT / "services/torchserve/entrypoint.py")
+    return float(entrypoint.STOP_TIMEOUT_S)
+
+
+# Seconds CoreDNS lets a client cache an answer about a Service (the kubernetes plugin's `ttl`
+# default), and the gateway's default re-resolution interval (models.yaml resolve_interval_s).
+COREDNS_TTL_S = 5
+DEFAULT_RESOLVE_INTERVAL_S = 5
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("2", "500m", 1.5) in cores."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def autoscaled_minimum(docs: list[Doc], workload: Doc) -> int:
+    """The fewest replicas a workload runs: its autoscaler's minimum, else spec.replicas."""
+    name = workload["metadata"]["name"]
+    defaults = {
+        "HorizontalPodAutoscaler": ("minReplicas", 1),
+        "ScaledObject": ("minReplicaCount", 0),
+    }
+    for doc in docs:
+        if doc["kind"] in defaults and doc["spec"]["scaleTargetRef"]["name"] == name:
+            key, default = defaults[doc["kind"]]
+            return int(doc["spec"].get(key, default))
+    return int(workload["spec"].get("replicas", 1))
+
+
+def _count(value: int | str, total: int, round_up: bool) -> int:
+    """A count or percentage of `total`, rounded the way Kubernetes rounds that field."""
+    if isinstance(value, int):
+        return value
+    share = float(value.rstrip("%")) * total / 100
+    return int(-(-share // 1)) if round_up else int(share)
+
+
+def disruption_problems(docs: list[Doc]) -> list[str]:
+    """Every Deployment a PDB guards keeps a pod through a drain and through a rollout, and a
+    GPU Deployment rolls without a surge pod that a full GPU pool could not place."""
+    problems = []
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        for workload in workloads(docs):
+            if not _selects(selector, pod_labels(workload)):
+                continue
+            where = f"{ident(workload)} (guarded by {ident(pdb)})"
+            least = autoscaled_minimum(docs, workload)
+            if least < 2:
+                problems.append(f"{where}: {least} replica(s); a drain would evict the last one")
+            spec = pdb["spec"]
+            if "maxUnavailable" in spec:
+                evictable = _count(spec["maxUnavailable"], least, round_up=True)
+            else:
+                evictable = least - _count(spec["minAvailable"], least, round_up=True)
+            if least - evictable < 1:
+                problems.append(f"{where}: the PDB lets a drain evict all {least} pods")
+            rolling = workload["spec"].get("strategy", {}).get("rollingUpdate", {})
+            surge = _count(rolling.get("maxSurge", "25%"), least, round_up=True)
+            down = _count(rolling.get("maxUnavailable", "25%"), least, round_up=False)
+            if workload["spec"].get("strategy", {}).get("type") == "Recreate":
+                problems.append(f"{where}: Recreate stops every pod at once")
+            elif least - down < 1:
+                problems.append(f"{where}: a rollout may take all {least} pods down at once")
+            if gpu_requests([workload])[workload["metadata"]["name"]] and (surge or not down):
+                problems.append(
+                    f"{where}: on a full GPU pool a rollout with maxSurge {surge} and "
+                    f"maxUnavailable {down} leaves its new pod Pending"
+                )
+    return problems
+
+
+def autoscaler_metric_problems(docs: list[Doc], served: set[str]) -> list[str]:
+    """HPAs read Pods/Object/External metrics only if an adapter the overlay installs serves
+    them: with one metric unavailable an HPA can scale up but never down
+    (kubernetes/kubernetes#99514)."""
+    problems = []
+    for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+        for metric in hpa["spec"].get("metrics", []):
+            kind = metric["type"]
+            if kind == "Resource":
+                continue  # metrics-server
+            name = metric[kind[0].lower() + kind[1:]]["metric"]["name"]
+            if name not in served:
+                problems.append(f"{ident(hpa)}: {kind} metric {name} that no adapter serves")
+    return problems

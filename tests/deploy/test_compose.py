@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from duoserve.config import load_config
-from tests.deploy.deploy_checks import ROOT, load_yaml
+from tests.deploy.deploy_checks import ROOT, load_module, load_yaml, torchserve_stop_timeout_s
 
 BASE = ROOT / "docker-compose.yml"
 GPU = ROOT / "docker-compose.gpu.yml"
@@ -28,6 +29,7 @@ ENV = {
 }
 PUBLISHED = {"gateway": 8000, "prometheus": 9090, "grafana": 3000}
 BACKENDS = ("torchserve", "tfserving")
+preflight = load_module(ROOT / "deploy/compose/preflight.py")
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -197,24 +199,145 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def test_gateway_config_and_torchserve_key_are_wired() -> None:
+def _uid(service: dict[str, Any], dockerfile: Path) -> str:
+    """The uid a service's process runs as: compose `user`, else the image's last USER."""
+    if service.get("user"):
+        return str(service["user"]).split(":")[0]
+    users = re.findall(r"^USER (\S+)", dockerfile.read_text(), re.M)
+    return users[-1].split(":")[0]
+
+
+def test_the_gateway_can_authenticate_to_torchserve() -> None:
+    # TorchServe 0.12 writes key_file.json with mode 0600 as its own uid; a gateway of another
+    # uid reading it through a shared volume sends no key and every call is refused, while
+    # healthchecks that read the key as TorchServe's uid stay green.
     stack = model(BASE)
     gateway, torchserve = stack["services"]["gateway"], stack["services"]["torchserve"]
-    env = gateway["environment"]
     mounts = _mounts(gateway)
-    config_source = Path(mounts[env["DUOSERVE_CONFIG"]])  # absolute after `docker compose config`
+    config_source = Path(mounts[gateway["environment"]["DUOSERVE_CONFIG"]])
     config = load_config(config_source if config_source.is_absolute() else ROOT / config_source)
     token_file = config.backends["torchserve"].token_file  # type: ignore[union-attr]
-    assert token_file is not None and token_file.endswith("/key_file.json")
-    # The gateway reads key_file.json from the volume that is TorchServe's working directory.
-    key_dir = str(Path(token_file).parent)
-    workdir = re.search(
-        r"^WORKDIR (\S+)", (ROOT / "services/torchserve/Dockerfile").read_text(), re.M
+    properties = (ROOT / "services/torchserve/config.properties").read_text()
+    auth_off = "--disable-token-auth" in (torchserve.get("command") or []) or bool(
+        re.search(r"^disable_token_authorization=true", properties, re.M)
     )
-    assert workdir is not None
-    volume = mounts[key_dir]
-    assert _mounts(torchserve)[workdir.group(1)] == volume
-    assert gateway["environment"]["DUOSERVE_WORKERS"]
+    if auth_off:
+        # Nothing to read; the boundary is the internal network (no published port).
+        assert token_file is None
+        assert set(torchserve["networks"]) == {"backend"} and not torchserve.get("ports")
+        assert stack["networks"]["backend"]["internal"] is True
+        assert "healthcheck" in torchserve and "key_file" not in str(torchserve["healthcheck"])
+    else:
+        assert token_file is not None
+        assert _uid(gateway, ROOT / "services/gateway/Dockerfile") == _uid(
+            torchserve, ROOT / "services/torchserve/Dockerfile"
+        )
+        workdir = re.search(
+            r"^WORKDIR (\S+)", (ROOT / "services/torchserve/Dockerfile").read_text(), re.M
+        )
+        assert workdir is not None
+        assert _mounts(torchserve)[workdir.group(1)] == mounts[str(Path(token_file).parent)]
+
+
+def test_torchserve_runs_with_token_auth_off_in_compose_as_in_kubernetes() -> None:
+    # The choice the test above allows, made explicit: one security model for both.
+    stack = model(BASE)
+    assert stack["services"]["torchserve"]["command"] == ["--disable-token-auth"]
+    assert "torchserve-run" not in str(stack["services"]["gateway"].get("volumes"))
+
+
+def test_gpu_backends_get_distinct_gpus_and_tfserving_caps_its_memory() -> None:
+    stack = model(BASE, GPU)
+    devices = {}
+    for name in BACKENDS:
+        reservations = stack["services"][name]["deploy"]["resources"]["reservations"]
+        (device,) = reservations["devices"]
+        # `count: 1` gives every service the host's first GPU.
+        assert "count" not in device, name
+        devices[name] = {str(d) for d in device["device_ids"]}
+    assert devices["torchserve"] and devices["tfserving"]
+    assert devices["torchserve"].isdisjoint(devices["tfserving"])
+    # Left to itself TensorFlow maps nearly all of its GPU's memory at start; capped, a host
+    # with one GPU (make up-gpu puts both backends on it) still has room for TorchServe.
+    command = " ".join(stack["services"]["tfserving"]["command"])
+    fraction = re.search(r"--per_process_gpu_memory_fraction=([0-9.]+)", command)
+    assert fraction is not None and 0 < float(fraction.group(1)) < 1
+
+
+@pytest.mark.parametrize("gpus, tfserving_gpu", [(1, "0"), (2, "1"), (8, "1")])
+def test_make_up_gpu_gives_each_backend_its_own_gpu_when_there_are_two(
+    tmp_path: Path, gpus: int, tfserving_gpu: str
+) -> None:
+    # nvidia-smi as the host's driver would answer `-L` with this many GPUs.
+    fake = tmp_path / "nvidia-smi"
+    lines = "".join(f'echo "GPU {i}: NVIDIA H100 (UUID: GPU-{i:08d})"\n' for i in range(gpus))
+    fake.write_text(f"#!/bin/sh\n{lines}")
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", "up-gpu"],
+        cwd=ROOT,
+        env={**os.environ, **ENV, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"TORCHSERVE_GPU=0 TFSERVING_GPU={tfserving_gpu} " in done.stdout, done.stdout
+
+
+def test_torchserve_gets_its_stop_timeout_before_compose_kills_it() -> None:
+    grace = model(BASE)["services"]["torchserve"]["stop_grace_period"]
+    seconds = float(str(grace).removesuffix("s"))
+    assert seconds >= torchserve_stop_timeout_s() + 5
+
+
+def test_file_secrets_claim_no_uid_or_mode_compose_would_ignore() -> None:
+    stack = model(BASE)
+    for name, service in stack["services"].items():
+        for secret in service.get("secrets", []):
+            if isinstance(secret, dict):
+                assert not {"uid", "gid", "mode"} & set(secret), f"{name}: {secret}"
+
+
+def test_preflight_checks_the_uid_the_gateway_image_runs_as() -> None:
+    users = re.findall(
+        r"^USER (\d+):(\d+)", (ROOT / "services/gateway/Dockerfile").read_text(), re.M
+    )
+    assert (preflight.GATEWAY_UID, preflight.GATEWAY_GID) == tuple(map(int, users[-1]))
+
+
+@pytest.mark.parametrize("mode, readable", [(0o600, False), (0o640, False), (0o644, True)])
+def test_make_up_refuses_a_keys_file_the_gateway_could_not_read(
+    tmp_path: Path, mode: int, readable: bool
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys: []\n")
+    keys.chmod(mode)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/compose/preflight.py")],
+        env={**os.environ, **ENV, "DUOSERVE_API_KEYS_PATH": str(keys)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.returncode == 0) is readable, done.stderr
+    if not readable:
+        assert f"chmod 0644 {keys}" in done.stderr and "uid 10001" in done.stderr
+
+
+def test_preflight_reads_owner_and_group_bits_for_the_gateway_uid(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys: []\n")
+    info = keys.stat()
+    keys.chmod(0o600)
+    assert preflight.readable_by(keys, info.st_uid, info.st_gid + 1)
+    assert not preflight.readable_by(keys, info.st_uid + 1, info.st_gid)
+    keys.chmod(0o640)
+    assert preflight.readable_by(keys, info.st_uid + 1, info.st_gid)
+
+
+def test_preflight_names_missing_variables() -> None:
+    assert preflight.problems({}) == ["set GRAFANA_ADMIN_PASSWORD", "set DUOSERVE_API_KEYS_PATH"]
 
 
 def test_grafana_and_prometheus_mount_what_their_provisioning_expects() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -105,13 +108,82 @@ def test_tfserving_starts_with_the_three_config_files_that_exist() -> None:
     assert "--enable_batching" in text
 
 
-@pytest.mark.parametrize("name", ["torchserve", "tfserving"])
-def test_backend_base_image_is_a_build_arg_with_a_gpu_variant(name: str) -> None:
-    images = base_images(DOCKERFILES[name])
+def test_tfserving_base_image_is_a_build_arg_with_a_gpu_variant() -> None:
+    images = base_images(DOCKERFILES["tfserving"])
     assert len(images) == 1 and not images[0].endswith("-gpu")
-    compose = (ROOT / "docker-compose.gpu.yml").read_text()
     tag = images[0].rpartition(":")[2]
-    assert f"{tag.removesuffix('-cpu')}-gpu" in compose
+    assert f"TF_SERVING_TAG: {tag}-gpu" in (ROOT / "docker-compose.gpu.yml").read_text()
+    assert f"TF_SERVING_TAG={tag}-gpu" in (ROOT / "mk/deploy.mk").read_text()
+
+
+def test_torchserve_image_has_a_cpu_and_a_gpu_variant() -> None:
+    assert arg_defaults(DOCKERFILES["torchserve"])["VARIANT"] == "cpu"
+    text = DOCKERFILES["torchserve"].read_text()
+    assert "cpu) pip install --index-url https://download.pytorch.org/whl/cpu" in text
+    assert 'gpu) pip install "torch==${TORCH_VERSION}"' in text
+    assert "VARIANT: gpu" in (ROOT / "docker-compose.gpu.yml").read_text()
+    assert "--build-arg VARIANT=gpu" in (ROOT / "mk/deploy.mk").read_text()
+
+
+def arg_defaults(path: Path) -> dict[str, str]:
+    """Every ARG with a default, first definition wins (as base_images substitutes them)."""
+    found: dict[str, str] = {}
+    for word, rest in instructions(path):
+        if word == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            found.setdefault(name, value.strip('"'))
+    return found
+
+
+def python_of(name: str) -> tuple[int, int]:
+    """The Python minor version an image runs, from its python:X.Y... base image."""
+    pythons = {image for image in base_images(DOCKERFILES[name]) if image.startswith("python:")}
+    assert len(pythons) == 1, f"{name}: Python base images {pythons}"
+    image = pythons.pop()
+    match = re.fullmatch(r"python:(\d+)\.(\d+)[.\w-]*", image)
+    assert match, f"{name}: {image} names no Python version"
+    return int(match.group(1)), int(match.group(2))
+
+
+def pyproject_pin(dist: str) -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    pins = set(re.findall(rf'"{re.escape(dist)}==([^";]+)"', text))
+    assert len(pins) == 1, f"{dist}: pinned as {pins} in pyproject.toml"
+    return pins.pop()
+
+
+@pytest.mark.parametrize("name", ["gateway", "torchserve", "model-builder"])
+def test_python_images_run_the_python_the_tests_run(name: str) -> None:
+    # The TorchServe handler failed every request in a Python 3.9 image (zip(strict=) is 3.10+)
+    # while the tests, on the host's Python, passed: the image's Python is the tests' Python.
+    assert python_of(name) == sys.version_info[:2], (
+        f"{name} runs Python {python_of(name)}, the tests run {sys.version_info[:2]}"
+    )
+
+
+def test_the_torch_that_exports_the_model_is_the_torch_torchserve_loads_it_with() -> None:
+    installed = metadata.version("torch").split("+")[0]
+    exporting = arg_defaults(DOCKERFILES["model-builder"])["TORCH_VERSION"]
+    serving = arg_defaults(DOCKERFILES["torchserve"])["TORCH_VERSION"]
+    assert exporting == serving == pyproject_pin("torch") == installed
+    # And the images install exactly that torch (no unpinned reinstall by a later step).
+    for name in ("model-builder", "torchserve"):
+        assert '"torch==${TORCH_VERSION}"' in DOCKERFILES[name].read_text(), name
+
+
+def test_the_torchserve_image_runs_the_torchserve_and_java_the_tests_run() -> None:
+    pinned = arg_defaults(DOCKERFILES["torchserve"])["TORCHSERVE_VERSION"]
+    assert pinned == pyproject_pin("torchserve") == metadata.version("torchserve")
+    java = re.findall(r"openjdk-(\d+)-jre-headless", DOCKERFILES["torchserve"].read_text())
+    done = subprocess.run(["java", "-version"], capture_output=True, text=True, check=True)
+    host = re.search(r'version "(\d+)', done.stderr)
+    assert host is not None and java == [host.group(1)]
+
+
+def test_tfserving_runs_the_tensorflow_release_that_exports_the_savedmodel() -> None:
+    (image,) = base_images(DOCKERFILES["tfserving"])
+    release = image.rpartition(":")[2].split("-")[0]
+    assert release == pyproject_pin("tensorflow-cpu") == metadata.version("tensorflow-cpu")
 
 
 def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:

@@ -4,22 +4,30 @@ schemas (strict), and follows the deployment policies a reviewer would otherwise
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
+from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from duoserve.config import parse_config
 from tests.deploy.deploy_checks import (
     BACKENDS,
+    COREDNS_TTL_S,
+    DEFAULT_RESOLVE_INTERVAL_S,
     GPU_OVERLAYS,
     K8S,
     OVERLAYS,
     ROOT,
+    autoscaler_metric_problems,
     container_problems,
     containers,
+    cpu_cores,
+    disruption_problems,
     find,
     gpu_requests,
     ident,
@@ -29,9 +37,11 @@ from tests.deploy.deploy_checks import (
     network_problems,
     pod_labels,
     pod_spec,
+    prestop_seconds,
     probe_problems,
     render,
     service_problems,
+    torchserve_stop_timeout_s,
     workloads,
 )
 
@@ -226,13 +236,199 @@ def test_autoscalers_and_budgets_target_real_workloads(overlay: str) -> None:
     gateway_hpa = find(docs, "HorizontalPodAutoscaler", "gateway")
     assert gateway_hpa is not None
     kinds = {m["type"] for m in gateway_hpa["spec"]["metrics"]}
-    assert kinds == {"Resource", "Pods"}
+    # In flight per pod where prometheus-adapter serves it, CPU everywhere.
+    assert kinds == ({"Resource", "Pods"} if ADAPTER_METRICS[overlay] else {"Resource"})
 
 
 def _adapter_metric_names() -> set[str]:
     values = load_yaml(K8S / "overlays" / "gpu" / "prometheus-adapter-values.yaml")
     rules = values["rules"]
     return {r["name"]["as"] for r in rules.get("custom", []) + rules.get("external", [])}
+
+
+# The custom/external metrics each overlay's prerequisites serve (k8s/README.md): `gpu` asks
+# for prometheus-adapter with prometheus-adapter-values.yaml; `cpu` for nothing beyond
+# metrics-server; `gpu-keda` for KEDA, which serves only its own ScaledObjects' HPAs.
+ADAPTER_METRICS = {"cpu": set(), "gpu": _adapter_metric_names(), "gpu-keda": set()}
+
+
+def test_every_overlay_says_which_adapter_it_installs() -> None:
+    assert set(OVERLAYS) == set(ADAPTER_METRICS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpas_read_no_metric_that_no_installed_adapter_serves(overlay: str) -> None:
+    docs = render(overlay)
+    assert autoscaler_metric_problems(docs, ADAPTER_METRICS[overlay]) == []
+    # The base gateway HPA once read a Pods metric in every overlay.
+    hpa = find(docs, "HorizontalPodAutoscaler", "gateway")
+    assert hpa is not None
+    hpa["spec"]["metrics"].append(
+        {"type": "Pods", "pods": {"metric": {"name": "made_up"}, "target": {}}}
+    )
+    assert autoscaler_metric_problems(docs, ADAPTER_METRICS[overlay]) != []
+
+
+def test_keda_scales_down_as_slowly_as_the_hpas_it_replaces() -> None:
+    # cooldownPeriod only delays scaling to zero; between replicas KEDA's HPA scales down with
+    # its own behaviour, 300 s by default unless the ScaledObject sets it.
+    hpas = {
+        d["metadata"]["name"]: d for d in render("gpu") if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    scaled = [d for d in render("gpu-keda") if d["kind"] == "ScaledObject"]
+    assert {d["metadata"]["name"] for d in scaled} == {"torchserve", "tfserving"}
+    for so in scaled:
+        spec = so["spec"]
+        hpa = hpas[spec["scaleTargetRef"]["name"]]["spec"]
+        assert spec["minReplicaCount"] == hpa["minReplicas"] >= 1
+        assert spec["maxReplicaCount"] == hpa["maxReplicas"]
+        assert "cooldownPeriod" not in spec, "it does nothing unless minReplicaCount is 0"
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior == hpa["behavior"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_drain_or_a_rollout_never_takes_a_guarded_deployment_down(overlay: str) -> None:
+    docs = render(overlay)
+    assert disruption_problems(docs) == []
+    for name in ("torchserve", "tfserving"):
+        broken = copy.deepcopy(docs)
+        workload = find(broken, "Deployment", name)
+        assert workload is not None
+        for doc in broken:
+            if doc["kind"] == "HorizontalPodAutoscaler" and doc["metadata"]["name"] == name:
+                doc["spec"]["minReplicas"] = 1
+            if doc["kind"] == "ScaledObject" and doc["metadata"]["name"] == name:
+                doc["spec"]["minReplicaCount"] = 1
+        workload["spec"]["replicas"] = 1
+        assert any("a drain would evict the last one" in p for p in disruption_problems(broken))
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_backends_roll_without_a_surge_pod(overlay: str) -> None:
+    docs = render(overlay)
+    for name in BACKENDS:
+        workload = find(docs, "Deployment", name)
+        assert workload is not None
+        assert workload["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+        workload["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = 1
+    assert any("leaves its new pod Pending" in p for p in disruption_problems(docs))
+
+
+def _torchserve_models() -> dict[str, Any]:
+    text = (ROOT / "services/torchserve/config.properties").read_text()
+    line = re.search(r"^models=(.*)$", text, re.M)
+    assert line is not None
+    models: dict[str, Any] = json.loads(line.group(1))
+    return models
+
+
+def test_torchserve_starts_the_workers_its_config_names() -> None:
+    # TorchServe starts minWorkers and, with the management API closed, never more.
+    for model, versions in _torchserve_models().items():
+        for version, config in versions.items():
+            assert config["minWorkers"] == config["maxWorkers"], f"{model} {version}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_torchserve_workers_and_stop_fit_each_pod(overlay: str) -> None:
+    workload = find(render(overlay), "Deployment", "torchserve")
+    assert workload is not None
+    (container,) = containers(workload)
+    cores = cpu_cores(container["resources"]["limits"]["cpu"])
+    workers = sum(
+        c["maxWorkers"] for versions in _torchserve_models().values() for c in versions.values()
+    )
+    assert workers <= cores, f"{workers} workers under a {cores}-CPU limit"
+    # preStop pause, then the entrypoint's bounded stop, inside the grace period.
+    grace = pod_spec(workload)["terminationGracePeriodSeconds"]
+    assert grace >= prestop_seconds(container) + torchserve_stop_timeout_s() + 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tfserving_sizes_its_threads_from_its_cpu_limit(overlay: str) -> None:
+    workload = find(render(overlay), "Deployment", "tfserving")
+    assert workload is not None
+    (container,) = containers(workload)
+    env = {e["name"]: e for e in container.get("env", [])}
+    source = env["CPU_LIMIT"]["valueFrom"]["resourceFieldRef"]
+    assert source["resource"] == "limits.cpu" and source.get("containerName") == "tfserving"
+    assert str(source.get("divisor", "1")) == "1"
+    args = container["args"]
+    for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        assert f"--{flag}=$(CPU_LIMIT)" in args
+    batching = (ROOT / "services/tfserving/batching.config").read_text()
+    threads = re.search(r"num_batch_threads \{ value: (\d+) \}", batching)
+    assert threads is not None
+    assert int(threads.group(1)) <= cpu_cores(container["resources"]["limits"]["cpu"])
+
+
+def test_grafana_sidecar_puts_the_dashboards_in_their_folder() -> None:
+    values = load_yaml(K8S / "components/monitoring/kube-prometheus-stack-values.yaml")
+    sidecar = values["grafana"]["sidecar"]["dashboards"]
+    dashboards = load_yaml(K8S / "components/monitoring/grafana-dashboards.yaml")
+    labels, annotations = dashboards["metadata"]["labels"], dashboards["metadata"]["annotations"]
+    assert labels[sidecar["label"]] == sidecar["labelValue"]
+    assert sidecar["searchNamespace"] == "ALL"
+    # kube-prometheus-stack sets no folderAnnotation: without it the annotation is ignored.
+    assert sidecar["folderAnnotation"] in annotations
+    assert sidecar["provider"]["foldersFromFilesStructure"] is True
+
+
+def _gateway_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (configmap,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and "models.yaml" in d.get("data", {})
+    ]
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["models.yaml"])
+    return config
+
+
+def _called_services(config: dict[str, Any]) -> dict[str, list[tuple[str, int, float]]]:
+    """Service name -> (backend, port, resolve interval) for every address the gateway calls."""
+    called: dict[str, list[tuple[str, int, float]]] = {}
+    for name, backend in config["backends"].items():
+        interval = float(backend.get("resolve_interval_s", DEFAULT_RESOLVE_INTERVAL_S))
+        for address in filter(None, (backend.get("url"), backend.get("grpc"))):
+            host, port = re.sub(r"^https?://", "", address).split(":")
+            called.setdefault(host, []).append((name, int(port), interval))
+    return called
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_services_the_gateway_calls_are_headless(overlay: str) -> None:
+    # The gateway balances per request over what DNS returns; a ClusterIP would hand it one
+    # virtual address that kube-proxy balances per connection.
+    docs = render(overlay)
+    called = _called_services(_gateway_config(docs))
+    assert set(called) == {"torchserve", "tfserving"}
+    for host, uses in called.items():
+        service = find(docs, "Service", host)
+        assert service is not None, host
+        assert service["spec"].get("clusterIP") == "None", f"{host} is not headless"
+        # Only Ready pods in the answer: a starting or terminating backend gets no requests.
+        assert service["spec"].get("publishNotReadyAddresses", False) is False
+        ports = {p["port"] for p in service["spec"]["ports"]}
+        assert {port for _, port, _ in uses} <= ports
+    # The ports the base always exposed, unchanged.
+    for host, expected in (("torchserve", {8080, 8082}), ("tfserving", {8500, 8501})):
+        service = find(docs, "Service", host)
+        assert service is not None and {p["port"] for p in service["spec"]["ports"]} == expected
+    # The gateway itself stays behind a ClusterIP (clients do not balance themselves).
+    gateway = find(docs, "Service", "gateway")
+    assert gateway is not None and "clusterIP" not in gateway["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_backend_serves_until_every_gateway_has_stopped_resolving_it(overlay: str) -> None:
+    # A terminating pod leaves the DNS answer at once, but a gateway may use its last answer
+    # for resolve_interval_s, and that answer may be CoreDNS's cached one (TTL).
+    docs = render(overlay)
+    for host, uses in _called_services(_gateway_config(docs)).items():
+        workload = find(docs, "Deployment", host)
+        assert workload is not None
+        (container,) = containers(workload)
+        needed = max(interval for _, _, interval in uses) + COREDNS_TTL_S
+        assert prestop_seconds(container) >= needed, host
 
 
 @pytest.mark.parametrize("overlay", ["gpu"])

@@ -81,7 +81,8 @@ def dashboards_configmap() -> str:
         "metadata": {
             "name": "duoserve-grafana-dashboards",
             "labels": {**LABELS, "grafana_dashboard": "1"},
-            # Folder for the sidecar (kube-prometheus-stack: sidecar.dashboards.folderAnnotation).
+            # Grafana folder: read by the sidecar only with kube-prometheus-stack-values.yaml
+            # (sidecar.dashboards.folderAnnotation, provider.foldersFromFilesStructure).
             "annotations": {"grafana_folder": "DuoServe"},
         },
         "data": data,
