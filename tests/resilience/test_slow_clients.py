@@ -175,6 +175,16 @@ def test_a_slow_head_gets_408_and_a_silent_connection_is_closed(guarded: Gateway
     assert counter(guarded.url, "duoserve_client_timeouts_total", "head") - before == 2
 
 
+def test_blank_lines_between_requests_do_not_keep_a_connection_open(guarded: Gateway) -> None:
+    # uvicorn's keep-alive timer stops at any byte, and blank lines begin no request.
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        answer, elapsed = trickle(sock, [b"\r\n"] * 40, every_s=0.2)
+    assert answer == b""  # closed: no request began, so none is answered
+    assert HEAD_S - 0.1 <= elapsed <= HEAD_S + MARGIN_S
+
+
 def test_a_trickling_or_stalled_body_gets_408(guarded: Gateway) -> None:
     before = {
         reason: counter(guarded.url, "duoserve_client_timeouts_total", reason)

@@ -141,13 +141,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._awaiting == _HEAD:
             self._head_read += len(data)
         HttpToolsProtocol.data_received(self, data)
-        if self._awaiting and self.guard is not None and not self.transport.is_closing():
-            # Only bytes of an unfinished head remain counted once the read is parsed (a read
-            # that completed the head may hold a body too).
-            if self._awaiting == _HEAD and self._head_read > self.guard.max_head_bytes:
-                self._refuse_head(self.guard)
-            elif self._deadline is None:
-                self._arm(self.guard)
+        guard = self.guard
+        if guard is None or self.transport.is_closing():
+            return
+        if self._awaiting == _HEAD:
+            # Only a head still unfinished once the read is parsed is measured (a read that
+            # completed the head may hold a body too).
+            if self._head_read > guard.max_head_bytes:
+                self._refuse_head(guard)
+                return
+        elif not self._awaiting:
+            cycle = self.cycle
+            if cycle is None or not cycle.response_complete:
+                return  # a request is being answered: nothing is awaited from the client
+            # Bytes between requests that begin none (blank lines, which llhttp skips): they
+            # stopped uvicorn's keep-alive timer, so they start the next head's time.
+            self._awaiting = _HEAD
+            self._since = self._last_read
+            self._head_read = len(data)
+        if self._deadline is None:
+            self._arm(guard)
 
     # -- httptools callbacks ---------------------------------------------------------------
 
