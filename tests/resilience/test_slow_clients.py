@@ -246,6 +246,10 @@ def test_connections_past_the_cap_get_503_at_once_until_idle_ones_time_out(
         # More silent connections than the cap; the normal client's connection holds a slot.
         idle = [connect(guarded) for _ in range(MAX_CONNECTIONS + 10)]
         try:
+            # A real client on a new connection now is refused at once, not left waiting.
+            late = httpx.post(guarded.url + INFER, content=BODY, timeout=HEAD_S)
+            assert late.status_code == 503
+            assert "too many open connections" in late.json()["error"]
             # Each one ends one way or the other without sending a byte: a 503 at once past
             # the cap, a close at the head deadline within it.
             endings = {sock: answer_of(sock, HEAD_S + MARGIN_S) for sock in idle}
@@ -264,7 +268,7 @@ def test_connections_past_the_cap_get_503_at_once_until_idle_ones_time_out(
         assert httpx.post(guarded.url + INFER, content=BODY, timeout=10).status_code == 200
     normal.served_throughout()
     refused_now = counter(guarded.url, "duoserve_rejected_connections_total", "connection_limit")
-    assert refused_now - refused_before == len(refused)
+    assert refused_now - refused_before == len(refused) + 1  # the late client too
     timeouts_now = counter(guarded.url, "duoserve_client_timeouts_total", "head")
     assert timeouts_now - timeouts_before == accepted
 

@@ -87,7 +87,9 @@ class ConnectionGuard:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with deadlines for a request's head and body, a head size
-    limit and a cap on open connections (see the module's docstring)."""
+    limit and a cap on open connections (see the module's docstring). Run it with ``ws="none"``
+    (as ``duoserve serve`` does): a connection handed to a WebSocket protocol would leave its
+    timer behind."""
 
     def __init__(
         self,
