@@ -1,6 +1,7 @@
 """The gateway's HTTP/1.1 client (backends/httpclient.py) against a scripted server on a real
-socket: keep-alive reuse, every way an answer can be delimited, and every way a call can fail
-without poisoning the next one."""
+socket: keep-alive reuse, every way an answer can be delimited, every way a call can fail
+without poisoning the next one, and hostile servers (closing a connection as it is reused,
+cutting an answer short, never ending a header line, answering HEAD with a length)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,24 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from duoserve.backends.http import call
 from duoserve.backends.httpclient import (
+    MAX_HEAD_BYTES,
     ConnectError,
     ConnectionLostError,
     HTTPPool,
     PoolClosedError,
     ProtocolError,
+    ReplyCutShortError,
 )
+from duoserve.errors import Unavailable, UpstreamError
+from duoserve.resilience import Deadline
 from tests.servers import free_port
 
-# A handler gets (method, target, headers, body) and returns raw bytes to write, or None to
-# close the connection without answering; it may sleep first.
+# A handler gets (method, target, headers, body) and returns raw bytes to write, None to close
+# the connection without answering, (bytes, "reset") to write then reset the connection, or
+# (bytes, "hold") to write then keep the connection open without another byte; it may sleep
+# first.
 Handler = Callable[[str, str, dict[str, str], bytes], "asyncio.Future[bytes | None] | object"]
 
 
@@ -34,8 +42,12 @@ def ok(body: bytes, *extra: str) -> bytes:
 class Scripted:
     """A tiny HTTP/1.1 server whose answers the test writes; counts connections."""
 
-    def __init__(self, handler: Callable[..., object]) -> None:
+    def __init__(self, handler: Callable[..., object], at_reuse: str | None = None) -> None:
         self.handler = handler
+        # "close" or "reset": a connection's second and later requests are read, then the
+        # connection is closed (or reset) without a byte of answer, as a server whose idle
+        # timeout fires just as the client reuses the connection.
+        self.at_reuse = at_reuse
         self.connections = 0
         self.open_now = 0
         self.most_open = 0
@@ -45,6 +57,7 @@ class Scripted:
         self.connections += 1
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
+        served = 0
         try:
             while True:
                 line = await reader.readline()
@@ -57,18 +70,24 @@ class Scripted:
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 self.requests.append((method, target, headers, body))
+                served += 1
+                if served > 1 and self.at_reuse is not None:
+                    if self.at_reuse == "reset":
+                        reset(writer)
+                    return
                 answer = self.handler(method, target, headers, body)
                 if asyncio.iscoroutine(answer):
                     answer = await answer
                 if answer is None:
                     return
-                if isinstance(answer, tuple):  # (bytes, "reset"): write, then reset the TCP
+                if isinstance(answer, tuple):  # (bytes, "reset" or "hold")
                     writer.write(answer[0])
                     await writer.drain()
+                    if answer[1] == "hold":
+                        await reader.read()  # until the client gives up and closes
+                        return
                     await asyncio.sleep(0.05)
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.transport.abort()
+                    reset(writer)
                     return
                 writer.write(answer)  # type: ignore[arg-type]
                 await writer.drain()
@@ -83,9 +102,18 @@ class Scripted:
             writer.close()
 
 
+def reset(writer: asyncio.StreamWriter) -> None:
+    """End the connection with a TCP reset instead of a close."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 @asynccontextmanager
-async def scripted(handler: Callable[..., object]) -> AsyncIterator[tuple[Scripted, str]]:
-    server = Scripted(handler)
+async def scripted(
+    handler: Callable[..., object], at_reuse: str | None = None
+) -> AsyncIterator[tuple[Scripted, str]]:
+    server = Scripted(handler, at_reuse)
     port = free_port()
     listener = await asyncio.start_server(server.serve, "127.0.0.1", port)
     try:
@@ -254,7 +282,7 @@ async def test_a_reset_cuts_an_eof_delimited_answer_short_and_is_not_a_success()
 
     async with scripted(answer) as (server, url):
         pool = HTTPPool(url, 1)
-        with pytest.raises(ConnectionLostError):
+        with pytest.raises(ReplyCutShortError):
             await pool.request("GET", "/", timeout_s=2)
         await pool.close()
 
@@ -281,4 +309,116 @@ async def test_endless_headers_are_refused() -> None:
         pool = HTTPPool(url, 1)
         with pytest.raises(ProtocolError, match="headers"):
             await pool.request("GET", "/", timeout_s=2)
+        await pool.close()
+
+
+async def test_a_connection_closed_as_it_is_reused_is_retried_once_on_a_fresh_one() -> None:
+    for how in ("close", "reset"):
+        async with scripted(echo, at_reuse=how) as (server, url):
+            pool = HTTPPool(url, 1)
+            bodies = [
+                (await pool.request("POST", f"/{i}", body=b"x", timeout_s=2)).body for i in range(3)
+            ]
+            assert bodies == [b"POST /0 1", b"POST /1 1", b"POST /2 1"]
+            # Each reuse met a closing server; each call went again on a new connection.
+            assert server.connections == 3
+            assert [target for _, target, _, _ in server.requests] == ["/0", "/1", "/1", "/2", "/2"]
+            await pool.close()
+
+
+async def test_a_fresh_connection_that_dies_is_reported_not_retried() -> None:
+    async with scripted(lambda *a: None) as (server, url):
+        pool = HTTPPool(url, 1)
+        with pytest.raises(ConnectionLostError):
+            await pool.request("POST", "/x", body=b"{}", timeout_s=2)
+        assert len(server.requests) == 1
+        await pool.close()
+    # Through call(): not processed, so the data plane may retry or fail over (503).
+    async with scripted(lambda *a: None) as (server, url):
+        pool = HTTPPool(url, 1)
+        with pytest.raises(Unavailable) as caught:
+            await call(pool, "POST", "/x", what="test", deadline=Deadline(2), body=b"{}")
+        assert caught.value.status == 503
+        assert caught.value.reason == "backend_down"
+        await pool.close()
+
+
+async def test_the_retry_happens_once_and_then_reports() -> None:
+    # The first connection serves one request; every later request meets a closing server.
+    first = True
+
+    def answer(*args: object) -> bytes | None:
+        nonlocal first
+        if first:
+            first = False
+            return ok(b"one")
+        return None
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        assert (await pool.request("GET", "/", timeout_s=2)).body == b"one"
+        with pytest.raises(ConnectionLostError):
+            await pool.request("GET", "/", timeout_s=2)
+        assert len(server.requests) == 3  # the first, the reused try, one fresh retry
+        assert server.connections == 2
+        await pool.close()
+
+
+async def test_an_answer_cut_in_the_middle_is_a_backend_error_never_retried() -> None:
+    def answer(method: str, target: str, headers: dict[str, str], body: bytes) -> object:
+        if target == "/cut":
+            # 9 of 100 bytes, then the server closes.
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly part"
+        return ok(b"fine")
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        assert (await pool.request("GET", "/ok", timeout_s=2)).body == b"fine"
+        with pytest.raises(ReplyCutShortError):
+            await pool.request("GET", "/cut", timeout_s=2)  # on the reused connection
+        assert len(server.requests) == 2  # ran once: the backend did the work
+        # Through call(): an upstream failure (502), not "backend down, not processed".
+        with pytest.raises(UpstreamError) as caught:
+            await call(pool, "GET", "/cut", what="test", deadline=Deadline(2))
+        assert caught.value.status == 502
+        assert caught.value.reason == "backend_error"
+        assert "middle of its answer" in caught.value.message
+        assert (await pool.request("GET", "/ok", timeout_s=2)).body == b"fine"
+        await pool.close()
+
+
+async def test_a_header_line_that_never_ends_fails_at_the_head_limit() -> None:
+    # No line end, and the connection stays open: only the head limit can end the call (the
+    # body limit is 256 MiB by default, and the timeout is far away).
+    def answer(*args: object) -> tuple[bytes, str]:
+        return (b"HTTP/1.1 200 OK\r\nX-Filler: " + b"y" * (MAX_HEAD_BYTES + 1000), "hold")
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        with pytest.raises(ProtocolError, match="headers exceed"):
+            await pool.request("GET", "/", timeout_s=30)
+        await pool.close()
+
+
+async def test_head_answers_have_no_body_whatever_their_length_says() -> None:
+    def answer(method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        if method == "HEAD":
+            length = "0" if target == "/empty" else "1234"
+            return f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nX-Kind: head\r\n\r\n".encode()
+        return ok(b"got " + target.encode())
+
+    async with scripted(answer) as (server, url):
+        pool = HTTPPool(url, 1)
+        reply = await pool.request("HEAD", "/big", timeout_s=5)
+        assert (reply.status, reply.body) == (200, b"")
+        assert reply.headers["content-length"] == "1234"
+        assert reply.headers["x-kind"] == "head"
+        # The next call is not fed the parser's idea of a 1234-byte body.
+        assert (await pool.request("GET", "/next", timeout_s=5)).body == b"got /next"
+        reply = await pool.request("HEAD", "/empty", timeout_s=5)
+        assert (reply.status, reply.body) == (200, b"")
+        assert (await pool.request("GET", "/after", timeout_s=5)).body == b"got /after"
+        # A HEAD answer whose length the parser still awaits retires its connection; one that
+        # the parser saw end (length 0) keeps it.
+        assert server.connections == 2
         await pool.close()

@@ -24,6 +24,7 @@ from duoserve import __version__
 from duoserve.auth import APIKeyMiddleware, ASGIApp, KeyRing, Receive, Scope, Send
 from duoserve.backends.base import Backend
 from duoserve.config import GatewayConfig, load_config
+from duoserve.connections import GUARD_STATE_KEY, ConnectionGuard
 from duoserve.dataplane import DataPlane
 from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
@@ -218,8 +219,10 @@ def create_app(
     keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
     drain = Drain(settings.drain_delay_s)
 
+    guard = ConnectionGuard.from_settings(settings, metrics, render_error)
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await asyncio.gather(*(backend.start() for backend in backends.values()))
         loop = asyncio.get_running_loop()
         probe = loop.create_task(
@@ -227,7 +230,9 @@ def create_app(
         )
         undo_signals = chain_uvicorn_signals(drain, loop)
         try:
-            yield
+            # The lifespan state reaches uvicorn's protocol of every connection: there the
+            # guard holds slow and idle clients to their deadlines (duoserve.connections).
+            yield {GUARD_STATE_KEY: guard}
         finally:
             undo_signals()
             probe.cancel()

@@ -44,6 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    _check_open_file_limit(settings.max_connections)
+    from duoserve.connections import GuardedHttpToolsProtocol
+
     uvicorn.run(
         "duoserve.app:create_app",
         factory=True,
@@ -51,7 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol, with deadlines for slow clients and a connection cap.
+        http=GuardedHttpToolsProtocol,
+        ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
         log_level=settings.log_level,
         access_log=args.access_log,
         # After SIGTERM and the drain delay (duoserve.drain): how long in-flight requests get.
@@ -59,6 +64,22 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.drain_grace_s),
     )
     return 0
+
+
+def _check_open_file_limit(max_connections: int) -> None:
+    """Warn when the open-file limit would run out before the connection cap is reached."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    headroom = 256  # backends' connections, model files, the listener, logs
+    if soft != resource.RLIM_INFINITY and soft < max_connections + headroom:
+        logging.getLogger("duoserve").warning(
+            "the open-file limit (%d) is below DUOSERVE_MAX_CONNECTIONS (%d) + %d: raise "
+            "`ulimit -n` or lower DUOSERVE_MAX_CONNECTIONS, or clients may exhaust it first",
+            soft,
+            max_connections,
+            headroom,
+        )
 
 
 def _keys_hash(args: argparse.Namespace) -> int:

@@ -48,6 +48,13 @@ class NotFound(DuoServeError):
     reason = "not_found"
 
 
+class RequestTimeout(DuoServeError):
+    """The client did not send its request's head or body in time."""
+
+    status = 408
+    reason = "client_timeout"
+
+
 class PayloadTooLarge(DuoServeError):
     status = 413
     reason = "payload_too_large"
@@ -64,6 +71,11 @@ class TooManyRequests(DuoServeError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message, headers={"retry-after": str(max(1, round(retry_after_s)))})
+
+
+class HeadersTooLarge(DuoServeError):
+    status = 431
+    reason = "headers_too_large"
 
 
 class UpstreamError(DuoServeError):

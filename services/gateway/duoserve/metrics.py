@@ -279,6 +279,26 @@ class Metrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.client_timeouts = LoopCounter(
+            "duoserve_client_timeouts",
+            "Client connections closed because a request's head or body came too slowly "
+            "(reason: head, body_idle, body_total).",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected_connections = LoopCounter(
+            "duoserve_rejected_connections",
+            "Client connections refused or closed before their request reached the app "
+            "(reason: connection_limit, head_too_large).",
+            ["reason"],
+            registry=registry,
+        )
+        self.client_connections = LoopGauge(
+            "duoserve_client_connections",
+            "Client connections open now in this worker process (refused ones not counted).",
+            [],
+            registry=registry,
+        )
         self.retries = LoopCounter(
             "duoserve_retries",
             "Backend calls retried because the backend had not processed them.",

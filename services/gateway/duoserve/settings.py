@@ -23,6 +23,25 @@ class Settings(BaseSettings):
     """Name reported by GET /v2."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     """Largest request body accepted, after decompression; larger ones get 413."""
+    client_header_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long a client may take to send a request's head (request line and headers), from
+    its connection opening (first request) or the head's first byte (later ones); past it, 408
+    and the connection closed (closed without an answer when not a byte came). nginx's
+    client_header_timeout."""
+    client_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long a request body may pause between two reads; past it, 408 and the connection
+    closed. nginx's client_body_timeout."""
+    client_body_total_s: float = Field(default=120.0, gt=0, le=3600)
+    """How long a request body may take in all, however steadily it trickles in (a byte every
+    few seconds never trips the pause timeout); past it, 408. 120 s carries the largest body
+    (``max_body_bytes``, 4 MiB) at 35 KB/s."""
+    max_head_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """Largest request head (request line and headers) accepted; larger ones get 431 and the
+    connection closed (uvicorn itself takes a head of any size into memory)."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Client connections one worker keeps open at once, idle and slow ones included; a
+    connection past it is answered 503 and closed at once. Keep it under the process's open-file
+    limit (``ulimit -n``), with room for the backends' connections."""
     api_keys_file: str | None = None
     """YAML/JSON file of hashed API keys (see duoserve.auth); unset means no authentication
     (the laptop default)."""

@@ -14,6 +14,7 @@ from duoserve.backends.httpclient import (
     PoolClosedError,
     ProtocolError,
     Reply,
+    ReplyCutShortError,
 )
 from duoserve.config import RemoteBackendConfig
 from duoserve.errors import (
@@ -63,9 +64,11 @@ async def call(
 ) -> Reply:
     """One call below the pool's base URL that must finish before ``deadline``.
 
-    Refused connections and connections the server closed before answering are Unavailable
-    (the backend did not complete the call, so it may be retried or failed over); a call past
-    the deadline is UpstreamTimeout. Messages name the backend kind, never its address.
+    Refused connections and connections the server closed before any byte of an answer are
+    Unavailable (the backend did not complete the call, so it may be retried or failed over); a
+    connection lost after the answer began is UpstreamError (the backend ran the call: not
+    retried); a call past the deadline is UpstreamTimeout. Messages name the backend kind,
+    never its address.
     """
     timeout_s = deadline.check(f"the {what} call")
     try:
@@ -77,6 +80,10 @@ async def call(
         ) from None
     except (ConnectError, ConnectionLostError) as error:
         raise Unavailable(f"the {what} backend is not reachable", reason="backend_down") from error
+    except ReplyCutShortError as error:
+        raise UpstreamError(
+            f"the {what} backend's connection broke in the middle of its answer"
+        ) from error
     except PoolClosedError as error:
         raise Unavailable(f"the {what} backend is shut down", reason="closed") from error
     except ProtocolError as error:

@@ -10,13 +10,22 @@ known body, answers read whole into memory, no cookies, redirects, proxies or de
   server keeps them alive; idle ones are dropped after ``keepalive_s`` (shorter than the servers'
   own idle timeouts, so a request rarely meets a connection the server is closing).
 - Responses are parsed by httptools (llhttp, as uvicorn uses): Content-Length, chunked, or
-  read until the server closes; 1xx interim answers are skipped; bodies beyond
-  ``max_response_bytes`` fail the call instead of filling memory.
+  read until the server closes; 1xx interim answers are skipped; a status line and headers
+  beyond ``MAX_HEAD_BYTES`` (finished or not) and bodies beyond ``max_response_bytes`` fail the
+  call instead of filling memory. The answer to a HEAD request has no body, whatever its
+  Content-Length says.
 - A call that times out, is cancelled or fails mid-way closes its connection: a late answer can
   never be read as the next request's.
+- A kept-alive connection the server closes just as a request is written on it (its idle
+  timeout fired first) is the one failure retried here: once, on a fresh connection, and only
+  when not one byte of an answer came back (RFC 9112 section 9.3.1, RFC 9110 section 9.2.2).
+  Every call the gateway makes is safe to repeat (inference, readiness, metadata have no side
+  effects), and a server that closes before reading a request never ran it. A fresh connection
+  that dies is reported, never retried: nothing says the next one would fare better.
 - Errors: ``ConnectError`` (could not connect: nothing was sent), ``ConnectionLostError`` (the
-  server closed before answering), ``ProtocolError`` (not HTTP/1.x, or too large);
-  ``TimeoutError`` past ``timeout_s``.
+  server closed before any byte of an answer), ``ReplyCutShortError`` (the connection was lost
+  after the answer began: the server did run the request), ``ProtocolError`` (not HTTP/1.x,
+  or too large); ``TimeoutError`` past ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -44,7 +53,12 @@ class ConnectError(HTTPClientError):
 
 
 class ConnectionLostError(HTTPClientError):
-    """The server closed the connection before its answer was complete."""
+    """The server closed the connection before any byte of its answer came back."""
+
+
+class ReplyCutShortError(HTTPClientError):
+    """The connection was lost after the answer began: the server ran the request, and its
+    answer is incomplete."""
 
 
 class ProtocolError(HTTPClientError):
@@ -75,6 +89,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False
         self.idle_since = 0.0
+        self.reused = False  # has carried an answer before: the server may be closing it
+        self.answer_began = False  # a byte of the current request's answer came back
+        self.head_only = False  # the current request is HEAD: its answer has no body
         self._status = 0
         self._headers: dict[str, str] = {}
         self._chunks: list[bytes] = []
@@ -94,12 +111,10 @@ class _Connection(asyncio.Protocol):
         if self.waiter is None or self.waiter.done():
             self.close()  # bytes nobody asked for: this connection cannot be trusted again
             return
-        if not self._headers_done:
-            # Backstop for a header line that never ends (on_header sees only whole ones).
+        self.answer_began = True
+        head_pending = not self._headers_done
+        if head_pending:
             self._read_before_body += len(data)
-            if self._read_before_body > MAX_HEAD_BYTES + self.max_body:
-                self._fail(ProtocolError("the answer's headers never end"))
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -110,6 +125,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(ProtocolError(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes"))
             else:
                 self._fail(ProtocolError(f"the answer is not valid HTTP: {error}"))
+            return
+        # on_header sees only whole lines: a status or header line that never ends is caught
+        # here. Every byte read while the head is still unfinished after feeding belongs to it.
+        if head_pending and not self._headers_done and self._read_before_body > MAX_HEAD_BYTES:
+            self._fail(ProtocolError(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -118,6 +138,8 @@ class _Connection(asyncio.Protocol):
             return
         if exc is None and self._headers_done and not self._delimited and not self._bodiless():
             self._complete()  # an answer delimited by the server closing the connection
+        elif self.answer_began:
+            waiter.set_exception(ReplyCutShortError("the connection broke during the answer"))
         else:
             waiter.set_exception(ConnectionLostError("the server closed the connection"))
 
@@ -143,6 +165,11 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self.parser.get_status_code()
         self._headers_done = True
+        if self.head_only and self._status >= 200:
+            # The answer to HEAD ends with its head. httptools cannot tell llhttp so (it would
+            # wait for Content-Length bytes that never come): the reply completes here, and the
+            # connection is kept only if the parser also saw the message end (no length, or 0).
+            self._complete()
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -186,8 +213,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(error)
         self.close()
 
-    def send(self, data: list[bytes]) -> asyncio.Future[Reply]:
+    def send(self, data: list[bytes], head_only: bool) -> asyncio.Future[Reply]:
         self.keep_alive = False
+        self.answer_began = False
+        self.head_only = head_only
         self._reset()
         self.waiter = asyncio.get_running_loop().create_future()
         if not self.usable():
@@ -266,15 +295,30 @@ class HTTPPool:
     ) -> Reply:
         """One request; ``target`` is the path (and query) below the pool's base URL."""
         head = self._head(method, self.prefix + target, body, headers)
+        data = [head, body] if body else [head]
+        head_only = method == "HEAD"
         async with asyncio.timeout(timeout_s):
             conn = await self._acquire()
-            reusable = False
             try:
-                reply = await conn.send([head, body] if body else [head])
-                reusable = conn.keep_alive
-                return reply
-            finally:
-                self._release(conn, reusable)
+                reply = await conn.send(data, head_only)
+            except ConnectionLostError:  # not one byte of an answer came back
+                if not conn.reused:
+                    self._release(conn, False)
+                    raise
+                # The server closed this kept-alive connection as the request went out: once
+                # more on a fresh connection, in the same slot (no queueing behind others).
+                conn.close()
+                conn = await self._reconnect()
+                try:
+                    reply = await conn.send(data, head_only)
+                except BaseException:
+                    self._release(conn, False)
+                    raise
+            except BaseException:
+                self._release(conn, False)
+                raise
+            self._release(conn, conn.keep_alive)
+            return reply
 
     def _head(
         self, method: str, target: str, body: bytes | None, headers: dict[str, str] | None
@@ -330,6 +374,17 @@ class HTTPPool:
                     return handed
                 self._discard(handed)
 
+    async def _reconnect(self) -> _Connection:
+        """A fresh connection in the slot of one just closed (still counted in ``_open``)."""
+        try:
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+            return await self._connect()
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
@@ -349,6 +404,7 @@ class HTTPPool:
     def _release(self, conn: _Connection, reusable: bool) -> None:
         if reusable and not self._closed and conn.usable():
             conn.waiter = None
+            conn.reused = True
             conn.idle_since = time.monotonic()
             while self._waiters:
                 waiter = self._waiters.popleft()
