@@ -122,7 +122,7 @@ class TFServingBackendConfig(RemoteBackendConfig):
     grpc: str | None = Field(None, pattern=r"^[^/\s]+:\d+$")
     """host:port of TF Serving's gRPC API (8500)."""
     url: str | None = Field(None, pattern=r"^https?://")
-    """Base URL of TF Serving's REST API (8501)."""
+    """Base URL of TF Serving's REST API (8501), for protocol rest."""
 
     @model_validator(mode="after")
     def _needs_address(self) -> TFServingBackendConfig:
