@@ -47,12 +47,12 @@ MANIFEST_FORMAT = 1
 
 def twins() -> dict[str, ModuleType]:
     """Every model the script knows, by name (imported lazily: they pull in torch)."""
-    from models import digits, resnet
+    from models import digits, digits_perturbed, resnet
 
-    return {digits.NAME: digits, resnet.NAME: resnet}
+    return {digits.NAME: digits, digits_perturbed.NAME: digits_perturbed, resnet.NAME: resnet}
 
 
-DEFAULT_MODELS = ("digits", "resnet")
+DEFAULT_MODELS = ("digits", "digits-perturbed", "resnet")
 
 
 def source_sha256() -> str:

@@ -31,10 +31,11 @@ DIGITS_IO = {
 
 @pytest.fixture(scope="session")
 def model_store() -> Path:
-    """models/store with the digits twins, built (incrementally) if needed."""
+    """models/store with the digits twins and their perturbed variant, built (incrementally)
+    if needed."""
     from models.build import build
 
-    build(STORE, ["digits"])
+    build(STORE, ["digits", "digits-perturbed"])
     return STORE
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import torch
 
-from models import build, digits, resnet
+from models import build, digits, digits_perturbed, resnet
 
 # torch 2.13 deprecates TorchScript; TorchServe still serves it, so these tests load it.
 pytestmark = pytest.mark.filterwarnings(
@@ -64,7 +64,24 @@ def test_resnet_frameworks_agree(model_store: Path) -> None:
     assert np.abs(pt - tf_out).max() <= 1e-3
 
 
-@pytest.mark.parametrize("twin", [digits, resnet], ids=["digits", "resnet"])
+def test_the_perturbed_twin_disagrees_with_digits_on_a_few_percent(
+    model_store: Path, digits_outputs: Any
+) -> None:
+    """Both frameworks of digits-perturbed agree with each other, and with digits on all but
+    a few percent of the held-out split: what a rollout's agreement gate must catch."""
+    x_test, _ = digits.evaluation_data()
+    pt = run_torchscript(model_store, "digits-perturbed", x_test)
+    tf_out = run_savedmodel(model_store, "digits-perturbed", "pixels", "probabilities", x_test)
+    np.testing.assert_array_equal(pt.argmax(axis=1), tf_out.argmax(axis=1))
+    original = digits_outputs[0]
+    disagree = (pt.argmax(axis=1) != original.argmax(axis=1)).mean()
+    assert 0.02 <= disagree <= 0.05, disagree
+    assert (model_store / "torchserve" / "digits-perturbed.mar").is_file()
+
+
+@pytest.mark.parametrize(
+    "twin", [digits, digits_perturbed, resnet], ids=["digits", "digits-perturbed", "resnet"]
+)
 def test_savedmodel_signature_matches_contract(model_store: Path, twin: Any) -> None:
     (spec_in,) = twin.SIGNATURE["inputs"]
     (spec_out,) = twin.SIGNATURE["outputs"]

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from duoserve.auth import APIKeyMiddleware, ASGIApp, KeyRing, Receive, Scope, Se
 from duoserve.backends.base import Backend
 from duoserve.config import GatewayConfig, load_config
 from duoserve.connections import GUARD_STATE_KEY, ConnectionGuard
-from duoserve.dataplane import DataPlane
+from duoserve.dataplane import DataPlane, register_routes
 from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
 from duoserve.frontends import tfserving, torchserve, v2
@@ -37,6 +38,7 @@ from duoserve.frontends.http import (
     torchserve_error_json,
 )
 from duoserve.metrics import Metrics
+from duoserve.reloader import ConfigReloader
 from duoserve.resilience import CancelOnDisconnect, RetryBudget
 from duoserve.settings import Settings
 
@@ -46,12 +48,18 @@ TORCHSERVE_PATHS = ("/predictions", "/ping")
 
 
 def build_backends(
-    config: GatewayConfig, base_dir: Path, metrics: Metrics | None = None
+    config: GatewayConfig,
+    base_dir: Path,
+    metrics: Metrics | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, Backend]:
-    """One Backend per entry of ``backends``; modules imported only for the kinds used.
-    ``metrics`` receives the remote backends' per-replica series."""
+    """One Backend per entry of ``backends`` (or of those named in ``only``), each told the
+    models its routes point at; modules imported only for the kinds used. ``metrics``
+    receives the remote backends' per-replica series."""
     backends: dict[str, Backend] = {}
     for name, backend_config in config.backends.items():
+        if only is not None and name not in only:
+            continue
         if backend_config.kind == "embedded":
             from duoserve.backends.embedded import EmbeddedBackend
 
@@ -69,14 +77,7 @@ def build_backends(
             from duoserve.backends.v2 import V2Backend
 
             backends[name] = V2Backend(name, backend_config, metrics=metrics)
-    # Embedded runtimes load only what routes point at, with the declared signatures.
-    for model_name, model in config.models.items():
-        routes = list(model.routes) + ([model.shadow] if model.shadow else [])
-        for route in routes:
-            backend = backends[route.backend]
-            register = getattr(backend, "register", None)
-            if register is not None:
-                register(route.framework, route.model or model_name, model.inputs, model.outputs)
+    register_routes(config, backends)
     return backends
 
 
@@ -100,6 +101,29 @@ async def _probe_backends(dataplane: DataPlane, metrics: Metrics, interval_s: fl
         for (backend, framework), ok in status.items():
             metrics.backend_up.labels(backend, framework).set(1 if ok else 0)
         await asyncio.sleep(interval_s)
+
+
+def _reload_on_hangup(
+    reloader: ConfigReloader, loop: asyncio.AbstractEventLoop
+) -> Callable[[], None]:
+    """SIGHUP reloads models.yaml (as nginx and Prometheus do); returns how to undo it. Only
+    the main thread can take signals: elsewhere (tests) the file watcher alone reloads."""
+    pending: set[asyncio.Task[str]] = set()
+
+    def hangup() -> None:
+        task = loop.create_task(reloader.check(forced=True))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 def render_error(path: str, error: DuoServeError) -> bytes:
@@ -201,12 +225,16 @@ def create_app(
     """Build the gateway. Tests pass their own config, registry and (optionally) backends."""
     settings = settings or Settings()
     config_path = Path(settings.config)
+    loaded: bytes | None = None  # the file's bytes when the configuration came from it
     if config is None:
         config = load_config(config_path)
+        with contextlib.suppress(OSError):
+            loaded = config_path.read_bytes()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
+    base_dir = config_path.resolve().parent
     if backends is None:
-        backends = build_backends(config, config_path.resolve().parent, metrics)
+        backends = build_backends(config, base_dir, metrics)
     dataplane = DataPlane(
         config,
         backends,
@@ -220,26 +248,45 @@ def create_app(
     drain = Drain(settings.drain_delay_s)
 
     guard = ConnectionGuard.from_settings(settings, metrics, render_error)
+    reloader = ConfigReloader(
+        config_path,
+        dataplane,
+        lambda new, names: build_backends(new, base_dir, metrics, only=names),
+        metrics,
+        loaded=loaded,
+        drain_s=settings.drain_grace_s,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        await asyncio.gather(*(backend.start() for backend in backends.values()))
+        await asyncio.gather(*(backend.start() for backend in dataplane.backends.values()))
         loop = asyncio.get_running_loop()
-        probe = loop.create_task(
-            _probe_backends(dataplane, metrics, settings.backend_probe_interval_s)
-        )
+        tasks = [
+            loop.create_task(
+                _probe_backends(dataplane, metrics, settings.backend_probe_interval_s)
+            ),
+            loop.create_task(dataplane.run_rollouts()),
+        ]
+        if loaded is not None and settings.config_poll_s > 0:
+            tasks.append(loop.create_task(reloader.run(settings.config_poll_s)))
         undo_signals = chain_uvicorn_signals(drain, loop)
+        undo_hangup = _reload_on_hangup(reloader, loop)
         try:
             # The lifespan state reaches uvicorn's protocol of every connection: there the
             # guard holds slow and idle clients to their deadlines (duoserve.connections).
             yield {GUARD_STATE_KEY: guard}
         finally:
+            undo_hangup()
             undo_signals()
-            probe.cancel()
-            await asyncio.wait([probe], timeout=5)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5)
             await dataplane.wait_shadows()
+            await dataplane.close_rollouts()
+            await dataplane.wait_drained(timeout_s=5)
             await asyncio.gather(
-                *(backend.close() for backend in backends.values()), return_exceptions=True
+                *(backend.close() for backend in dataplane.backends.values()),
+                return_exceptions=True,
             )
 
     app = DuoServeApp(

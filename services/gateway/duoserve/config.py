@@ -7,6 +7,8 @@ A bad file fails fast with the dotted path of every offending key, e.g.
 from __future__ import annotations
 
 import math
+import re
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -203,6 +205,107 @@ class ShadowConfig(RouteConfig):
     weight: float = 0.0
 
 
+# Frameworks each backend kind can serve: a rollout target on a backend that cannot run its
+# framework is a config error, not a stream of 502s.
+KIND_FRAMEWORKS: dict[str, tuple[str, ...]] = {
+    "torchserve": ("pytorch",),
+    "tfserving": ("tensorflow",),
+    "v2": FRAMEWORKS,
+    "embedded": FRAMEWORKS,
+}
+
+
+class RolloutShadowConfig(_Strict):
+    sample: float = Field(0.2, gt=0, le=1)
+    """Share of the model's requests copied to the target, in the shadow phase and all along
+    the steps (so agreement is measured until the target serves everyone)."""
+    min_requests: int = Field(500, ge=1, le=100_000_000)
+    """Copies the target must have answered before the first step may start."""
+
+
+class GatesConfig(_Strict):
+    """What the target must show, in each phase, before the rollout moves on. Any gate that
+    fails rolls the rollout back."""
+
+    min_requests: int = Field(200, ge=1, le=100_000_000)
+    """Target calls per step (user requests and copies) before a step may pass."""
+    max_error_ratio: float = Field(0.01, ge=0, le=1)
+    """Target calls that ended in a 5xx or a timeout, as a share of its calls."""
+    max_p99_ratio: float = Field(1.25, gt=0, le=1000)
+    """Target p99 latency over the current routes' p99 (backend call time)."""
+    min_agreement: float = Field(0.995, ge=0, le=1)
+    """Rows on which target and current routes agree (same argmax), of the rows compared."""
+    max_abs_diff: float = Field(0.001, ge=0)
+    """Largest absolute difference allowed between target and current outputs; any compared
+    request beyond it fails the gate."""
+
+
+class GatesFromConfig(_Strict):
+    prometheus: str = Field(pattern=r"^https?://")
+    """Prometheus base URL: every replica reads the fleet's numbers there and so takes the
+    same decisions."""
+    settle_s: float = Field(3.0, ge=0, le=300)
+    """How long after each evaluation time the gateway waits before asking, so every replica's
+    scrape of that moment has landed."""
+
+
+class RolloutConfig(_Strict):
+    """Move a model from its routes to ``to``, in steps gated on the target's answers."""
+
+    to: RouteConfig
+    """The target route (its weight is ignored: the steps set it)."""
+    start: str
+    """RFC 3339 time (e.g. 2026-12-01T10:00:00Z): phases are counted from here, so every
+    replica agrees on them."""
+    shadow: RolloutShadowConfig = RolloutShadowConfig.model_validate({})
+    steps: list[float] = Field(default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0])
+    """Percent of the model's requests sent to the target, one step after another."""
+    step_interval_s: float = Field(300.0, ge=1, le=30 * 86_400)
+    """Shortest time in the shadow phase and in each step."""
+    evaluate_interval_s: float = Field(10.0, ge=0.5, le=3600)
+    """How often the gates are checked within a phase (a failing target is rolled back within
+    this long)."""
+    gates: GatesConfig = GatesConfig.model_validate({})
+    gates_from: GatesFromConfig | None = None
+    """Where gate values come from: a Prometheus (every replica decides alike), or, without
+    it, this replica's own counters (one replica, or `make run`)."""
+
+    @field_validator("start")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        parse_start(value)
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one step (percent of traffic to the target)")
+        if any(not 0 < step <= 100 for step in value):
+            raise ValueError("each step is a percent above 0 and at most 100")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("steps must increase")
+        return value
+
+    @cached_property
+    def start_time(self) -> float:
+        """``start`` as a Unix time."""
+        return parse_start(self.start)
+
+
+def parse_start(text: str) -> float:
+    """An RFC 3339 date-time with its offset (``Z`` or ``+hh:mm``) as a Unix time."""
+    pattern = r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
+    if not re.fullmatch(pattern, text):
+        raise ValueError(
+            f"'{text}' is not an RFC 3339 time with an offset, e.g. 2026-12-01T10:00:00Z"
+        )
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z")).timestamp()
+    except ValueError as error:
+        raise ValueError(f"'{text}' is not a valid time: {error}") from None
+
+
 class ModelConfig(_Strict):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
@@ -220,6 +323,8 @@ class ModelConfig(_Strict):
     """Free text reported in V2 model metadata; defaults to the frameworks served."""
     version: str = Field("1", pattern=r"^\d+$")
     """The version number clients see in metadata and TF Serving status answers."""
+    rollout: RolloutConfig | None = None
+    """A gated move of this model's traffic to another route (see RolloutConfig)."""
     version_labels: dict[str, str] = Field(default_factory=dict)
     """TF Serving version labels (e.g. stable: "1") resolved at the gateway; a label not listed
     here is passed on as a label (only TF Serving backends know labels)."""
@@ -242,6 +347,18 @@ class ModelConfig(_Strict):
             if spec.name in seen:
                 raise ValueError(f"inputs: '{spec.name}' is declared twice")
             seen.add(spec.name)
+        if self.rollout is not None:
+            if self.shadow is not None:
+                raise ValueError(
+                    "rollout: a model in a rollout shadows to its target; remove 'shadow'"
+                )
+            to = self.rollout.to
+            for route in self.routes:
+                if (route.backend, route.framework) == (to.backend, to.framework):
+                    raise ValueError(
+                        "rollout.to: the target must differ from every route in backend or "
+                        f"framework ('{to.backend}' {to.framework} is a route already)"
+                    )
         return self
 
 
@@ -259,10 +376,21 @@ class GatewayConfig(_Strict):
             ]
             if model.shadow is not None:
                 targets.append((f"models.{model_name}.shadow", model.shadow))
+            if model.rollout is not None:
+                targets.append((f"models.{model_name}.rollout.to", model.rollout.to))
             for where, route in targets:
                 if route.backend not in self.backends:
                     problems.append(
                         f"{where}.backend: no backend named '{route.backend}' (known: {known})"
+                    )
+            if model.rollout is not None and model.rollout.to.backend in self.backends:
+                to = model.rollout.to
+                kind = self.backends[to.backend].kind
+                if to.framework not in KIND_FRAMEWORKS[kind]:
+                    problems.append(
+                        f"models.{model_name}.rollout.to.framework: backend '{to.backend}' "
+                        f"({kind}) serves {' and '.join(KIND_FRAMEWORKS[kind])} models, "
+                        f"not {to.framework}"
                     )
         if problems:
             raise ValueError("; ".join(problems))

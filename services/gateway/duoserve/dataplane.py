@@ -10,13 +10,14 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from duoserve.backends.base import Backend
-from duoserve.config import GatewayConfig, ModelConfig, TensorSpec
+from duoserve.config import BackendConfig, GatewayConfig, ModelConfig, TensorSpec
 from duoserve.errors import (
     BadRequest,
     DuoServeError,
@@ -28,12 +29,14 @@ from duoserve.errors import (
 )
 from duoserve.metrics import Metrics
 from duoserve.resilience import (
+    BackendGuard,
     CircuitBreaker,
     ConcurrencyLimiter,
     Deadline,
     RetryBudget,
     backoff_s,
 )
+from duoserve.rollout import Rollout, rollout_id
 from duoserve.router import ModelRouter, Route
 from duoserve.tensors import InferenceRequest, InferenceResponse
 
@@ -64,18 +67,23 @@ class Served:
     backend_s: float
 
 
-@dataclass
-class BackendGuard:
-    """Per-backend resilience state."""
+@dataclass(frozen=True)
+class Plane:
+    """Everything one models.yaml builds: what a request finds when it starts, and keeps to
+    its end even if a reload replaces it meanwhile (routes carry their backend and guard)."""
 
-    limiter: ConcurrencyLimiter
-    breaker: CircuitBreaker
-    retries: int
-    timeout_s: float
+    config: GatewayConfig
+    backends: dict[str, Backend]
+    guards: dict[str, BackendGuard]
+    models: dict[str, ModelRouter]
+    model_limiters: dict[str, ConcurrencyLimiter]
+    ceilings_s: dict[str, float]
+    """A request's deadline ceiling per model: its timeout_ms, else its slowest backend's."""
 
 
 class DataPlane:
-    """Serves the models of one GatewayConfig over a set of started backends."""
+    """Serves the models of one GatewayConfig over a set of started backends; ``reload``
+    swaps in another configuration while requests keep flowing."""
 
     def __init__(
         self,
@@ -90,49 +98,195 @@ class DataPlane:
     ) -> None:
         """``circuit_failure_threshold`` / ``circuit_reset_s`` apply to every backend whose
         models.yaml entry does not set its own; ``retry_budget`` is shared by all backends."""
-        self.config = config
-        self.backends = backends
         self.metrics = metrics
         self.rng = rng or random.Random()
-        self.models = {
-            name: ModelRouter(name, model, backends, self.rng)
+        self.circuit_failure_threshold = circuit_failure_threshold
+        self.circuit_reset_s = circuit_reset_s
+        self.retry_budget = retry_budget or RetryBudget()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._draining: set[asyncio.Task[None]] = set()
+        self.plane = self._plane(config, backends, {}, {})
+
+    # The current plane's parts, for callers that need no snapshot of their own.
+    @property
+    def config(self) -> GatewayConfig:
+        return self.plane.config
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self.plane.backends
+
+    @property
+    def models(self) -> dict[str, ModelRouter]:
+        return self.plane.models
+
+    @property
+    def guards(self) -> dict[str, BackendGuard]:
+        return self.plane.guards
+
+    @property
+    def model_limiters(self) -> dict[str, ConcurrencyLimiter]:
+        return self.plane.model_limiters
+
+    def _guard(self, name: str, config: BackendConfig) -> BackendGuard:
+        guard = BackendGuard(
+            limiter=ConcurrencyLimiter(
+                f"backend '{name}'", config.max_concurrency, config.max_queue
+            ),
+            breaker=CircuitBreaker(
+                threshold=config.circuit_failure_threshold or self.circuit_failure_threshold,
+                reset_s=(
+                    config.circuit_reset_ms / 1000
+                    if config.circuit_reset_ms
+                    else self.circuit_reset_s
+                ),
+                on_change=self._circuit_callback(name),
+            ),
+            retries=config.retries,
+            timeout_s=config.timeout_ms / 1000,
+        )
+        self.metrics.set_circuit(name, "closed")
+        return guard
+
+    def _plane(
+        self,
+        config: GatewayConfig,
+        backends: dict[str, Backend],
+        kept_guards: dict[str, BackendGuard],
+        kept_rollouts: dict[str, Rollout],
+    ) -> Plane:
+        """A plane for ``config`` over ``backends``; guards (limiter, circuit) and rollouts
+        given in ``kept_*`` carry over unchanged."""
+        guards = {
+            name: kept_guards.get(name) or self._guard(name, backend_config)
+            for name, backend_config in config.backends.items()
+        }
+        models = {
+            name: ModelRouter(name, model, backends, self.rng, guards)
             for name, model in config.models.items()
         }
-        self.guards: dict[str, BackendGuard] = {}
-        for name, backend_config in config.backends.items():
-            self.guards[name] = BackendGuard(
-                limiter=ConcurrencyLimiter(
-                    f"backend '{name}'", backend_config.max_concurrency, backend_config.max_queue
-                ),
-                breaker=CircuitBreaker(
-                    threshold=backend_config.circuit_failure_threshold or circuit_failure_threshold,
-                    reset_s=(
-                        backend_config.circuit_reset_ms / 1000
-                        if backend_config.circuit_reset_ms
-                        else circuit_reset_s
-                    ),
-                    on_change=self._circuit_callback(name),
-                ),
-                retries=backend_config.retries,
-                timeout_s=backend_config.timeout_ms / 1000,
-            )
-            metrics.set_circuit(name, "closed")
-        self.model_limiters = {
+        for name, model in models.items():
+            rollout = config.models[name].rollout
+            if rollout is not None:
+                kept = kept_rollouts.get(name)
+                model.rollout = kept if kept is not None else Rollout(name, rollout, self.metrics)
+        limiters = {
             name: ConcurrencyLimiter(
                 f"model '{name}'", model.max_concurrency, model.max_concurrency
             )
             for name, model in config.models.items()
             if model.max_concurrency
         }
-        # A request's deadline ceiling: the model's timeout_ms, else its slowest backend's.
-        self._ceilings_s = {
+        ceilings = {
             name: model.config.timeout_ms / 1000
             if model.config.timeout_ms
-            else max(self.guards[r.backend_name].timeout_s for r in model.routes)
-            for name, model in self.models.items()
+            else max(guards[r.backend_name].timeout_s for r in model.routes)
+            for name, model in models.items()
         }
-        self.retry_budget = retry_budget or RetryBudget()
-        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        return Plane(config, backends, guards, models, limiters, ceilings)
+
+    async def reload(
+        self,
+        config: GatewayConfig,
+        build: Callable[[GatewayConfig, set[str]], dict[str, Backend]],
+        drain_s: float = 30.0,
+    ) -> dict[str, list[str]]:
+        """Serve ``config`` from now on. Backends whose entry is unchanged stay, with their
+        connections, limiter and circuit; new or changed ones are built (``build(config,
+        names)``) and started first (a failure leaves the old configuration serving); the old
+        ones finish what they have in flight (up to ``drain_s``), then close. Requests in
+        flight finish on the configuration they started with. Rollouts whose block is
+        unchanged carry on where they were."""
+        old = self.plane
+        wanted, had = route_targets(config), route_targets(old.config)
+        kept = {
+            name: old.backends[name]
+            for name, backend_config in config.backends.items()
+            if name in old.backends
+            and old.config.backends[name] == backend_config
+            and (backend_config.kind != "embedded" or wanted.get(name) == had.get(name))
+        }
+        fresh = build(config, set(config.backends) - set(kept))
+        try:
+            await asyncio.gather(*(backend.start() for backend in fresh.values()))
+        except Exception as error:
+            await asyncio.gather(*(b.close() for b in fresh.values()), return_exceptions=True)
+            raise ReloadError(
+                f"a backend of the new configuration failed to start: {error}"
+            ) from error
+        register_routes(config, kept)
+        rollouts = {
+            name: model.rollout
+            for name, model in old.models.items()
+            if model.rollout is not None
+            and name in config.models
+            and config.models[name].rollout is not None
+            and rollout_id(config.models[name].rollout) == model.rollout.id  # type: ignore[arg-type]
+        }
+        self.plane = self._plane(
+            config, {**kept, **fresh}, {n: old.guards[n] for n in kept}, rollouts
+        )
+        for model in old.models.values():
+            if model.rollout is not None and model.rollout not in rollouts.values():
+                model.rollout.forget()
+                self._spawn(model.rollout.close())
+        gone = {name: backend for name, backend in old.backends.items() if name not in kept}
+        for name, backend in gone.items():
+            if name not in config.backends:
+                self.metrics.forget_backend(name)
+            self._spawn(self._drain_backend(backend, old.guards[name], drain_s))
+        return {
+            "kept": sorted(kept),
+            "started": sorted(fresh),
+            "closing": sorted(gone),
+        }
+
+    async def _drain_backend(self, backend: Backend, guard: BackendGuard, drain_s: float) -> None:
+        """Close a backend the configuration dropped once its calls in flight are done."""
+        deadline = time.monotonic() + drain_s
+        while (guard.limiter.active or guard.limiter.queued) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if guard.limiter.active:
+            log.warning(
+                "backend %s left the configuration with %d calls still in flight after %.0f s; "
+                "closing it",
+                backend.name,
+                guard.limiter.active,
+                drain_s,
+            )
+        await backend.close()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(_logged(work))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def wait_drained(self, timeout_s: float = 30.0) -> None:
+        """Let backends dropped by reloads close (tests, shutdown)."""
+        if self._draining:
+            await asyncio.wait(list(self._draining), timeout=timeout_s)
+
+    async def run_rollouts(self, interval_s: float = 0.5) -> None:
+        """Take every rollout's decisions as they fall due (runs for the app's lifetime)."""
+        while True:
+            for model in self.models.values():
+                if model.rollout is not None:
+                    try:
+                        await model.rollout.tick()
+                    except Exception:  # noqa: BLE001 - one rollout must not stop the others
+                        log.exception("rollout of %s failed to evaluate", model.name)
+            await asyncio.sleep(interval_s)
+
+    async def close_rollouts(self) -> None:
+        for model in self.models.values():
+            if model.rollout is not None:
+                await model.rollout.close()
+
+    def rollout(self, model_name: str) -> Rollout:
+        rollout = self.model(model_name).rollout
+        if rollout is None:
+            raise NotFound(f"model '{model_name}' has no rollout in models.yaml")
+        return rollout
 
     def _circuit_callback(self, backend: str) -> Any:
         def changed(state: str) -> None:
@@ -143,14 +297,16 @@ class DataPlane:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def model(self, name: str) -> ModelRouter:
+    def model(self, name: str, plane: Plane | None = None) -> ModelRouter:
         try:
-            return self.models[name]
+            return (plane or self.plane).models[name]
         except KeyError:
             raise NotFound(f"unknown model '{name}'; GET /v2/models lists the models") from None
 
-    def deadline_for(self, model: ModelRouter, ctx: CallContext) -> Deadline:
-        ceiling = self._ceilings_s[model.name]
+    def deadline_for(
+        self, model: ModelRouter, ctx: CallContext, plane: Plane | None = None
+    ) -> Deadline:
+        ceiling = (plane or self.plane).ceilings_s[model.name]
         if ctx.timeout_ms is not None:
             if ctx.timeout_ms <= 0:
                 raise BadRequest("timeout must be a positive number of milliseconds")
@@ -163,11 +319,12 @@ class DataPlane:
 
     async def infer(self, model_name: str, request: InferenceRequest, ctx: CallContext) -> Served:
         """Validate, route, call (with failover), and start the shadow copy."""
-        model = self.model(model_name)
+        plane = self.plane  # this request keeps to it, whatever a reload does meanwhile
+        model = self.model(model_name, plane)
         validate_request(model.name, model.config, request)
         plan = model.plan(ctx.pin, ctx.route_key)
-        deadline = self.deadline_for(model, ctx)
-        model_limiter = self.model_limiters.get(model_name)
+        deadline = self.deadline_for(model, ctx, plane)
+        model_limiter = plane.model_limiters.get(model_name)
         if model_limiter is not None:
             try:
                 await model_limiter.acquire(deadline)
@@ -179,22 +336,28 @@ class DataPlane:
         finally:
             if model_limiter is not None:
                 model_limiter.release()
-        if model.shadow is not None and self.rng.random() < model.config.shadow.sample:  # type: ignore[union-attr]
-            self._start_shadow(model, request, served)
+        shadow = model.shadow_for(served.route)
+        if shadow is not None and self.rng.random() < shadow[1]:
+            self._start_shadow(model, shadow[0], request, served)
         return served
 
     async def _serve(
         self, model: ModelRouter, plan: list[Route], request: InferenceRequest, deadline: Deadline
     ) -> Served:
         last = len(plan) - 1
+        rollout = model.rollout
         for index, route in enumerate(plan):
             try:
                 served = await self.call_route(model.name, route, request, deadline)
             except DuoServeError as error:
                 error.route = route  # who failed, for the metrics' framework and backend labels
+                if rollout is not None and error.status >= 500:
+                    rollout.observe_call(_side(model, route), False, None)
                 if isinstance(error, NOT_PROCESSED) and index < last and not deadline.expired():
                     continue  # not processed: the next route may serve it
                 raise
+            if rollout is not None:
+                rollout.observe_call(_side(model, route), True, served.backend_s)
             if index > 0:
                 self.metrics.failovers.labels(model.name, route.framework).inc()
             return served
@@ -204,7 +367,8 @@ class DataPlane:
         self, model_name: str, route: Route, request: InferenceRequest, deadline: Deadline
     ) -> Served:
         """One route: circuit breaker, backend concurrency limit, retries of unprocessed calls."""
-        guard = self.guards[route.backend_name]
+        guard = route.guard
+        assert guard is not None, "the data plane's routes carry their backend's guard"
         target = request.with_target(route.model, request.version or route.version, route.framework)
         labels = (route.backend_name, route.framework)
         backend = route.backend
@@ -288,28 +452,43 @@ class DataPlane:
 
     # -- shadow --------------------------------------------------------------------------
 
-    def _start_shadow(self, model: ModelRouter, request: InferenceRequest, primary: Served) -> None:
-        task = asyncio.get_running_loop().create_task(self._shadow(model, request, primary))
+    def _start_shadow(
+        self, model: ModelRouter, route: Route, request: InferenceRequest, primary: Served
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._shadow(model, route, request, primary))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, model: ModelRouter, request: InferenceRequest, primary: Served) -> None:
-        route = model.shadow
-        assert route is not None
-        deadline = Deadline(self.guards[route.backend_name].timeout_s)
+    async def _shadow(
+        self, model: ModelRouter, route: Route, request: InferenceRequest, primary: Served
+    ) -> None:
+        assert route.guard is not None
+        deadline = Deadline(route.guard.timeout_s)
+        rollout = model.rollout if model.is_target(route) else None
         try:
             shadow = await self.call_route(model.name, route, request, deadline)
         except DuoServeError as error:
             self.metrics.shadow_requests.labels(
                 model.name, route.framework, str(error.status)
             ).inc()
+            if rollout is not None and error.status >= 500:
+                rollout.observe_call("target", False, None)
             return
         except Exception:  # noqa: BLE001 - a shadow must never take the gateway down
             log.exception("shadow call of model %s failed", model.name)
             self.metrics.shadow_requests.labels(model.name, route.framework, "500").inc()
+            if rollout is not None:
+                rollout.observe_call("target", False, None)
             return
         self.metrics.shadow_requests.labels(model.name, route.framework, "200").inc()
         agreement = compare_outputs(primary.response, shadow.response)
+        if rollout is not None:
+            rollout.observe_call("target", True, shadow.backend_s)
+            rollout.observe_comparison(
+                agreement["rows"],
+                agreement["rows"] - agreement["argmax_agree"],
+                agreement["max_abs_diff"],
+            )
         self.metrics.shadow_compared_items.labels(model.name, route.framework).inc(
             agreement["rows"]
         )
@@ -380,7 +559,7 @@ class DataPlane:
         checks = [
             route.backend.ready(route.model, version or route.version, framework=route.framework)
             for route in model.routes
-            if self.guards[route.backend_name].breaker.state != "open"
+            if route.guard is None or route.guard.breaker.state != "open"
         ]
         if not checks:
             return False
@@ -419,7 +598,52 @@ class DataPlane:
         return {name: guard.breaker.state for name, guard in self.guards.items()}
 
 
+# -- configuration helpers -------------------------------------------------------------------
+
+
+def route_targets(config: GatewayConfig) -> dict[str, set[tuple[str, str]]]:
+    """(framework, model name on the backend) of every route, shadow and rollout target, by
+    backend."""
+    found: dict[str, set[tuple[str, str]]] = {}
+    for model_name, model in config.models.items():
+        routes = [*model.routes, *([model.shadow] if model.shadow else [])]
+        if model.rollout is not None:
+            routes.append(model.rollout.to)
+        for route in routes:
+            found.setdefault(route.backend, set()).add((route.framework, route.model or model_name))
+    return found
+
+
+def register_routes(config: GatewayConfig, backends: dict[str, Backend]) -> None:
+    """Tell backends that take it (embedded runtimes, TF Serving) the models their routes
+    point at, with the declared signatures: embedded runtimes load only those."""
+    for model_name, model in config.models.items():
+        routes = [*model.routes, *([model.shadow] if model.shadow else [])]
+        if model.rollout is not None:
+            routes.append(model.rollout.to)
+        for route in routes:
+            backend = backends.get(route.backend)
+            register = getattr(backend, "register", None)
+            if register is not None:
+                register(route.framework, route.model or model_name, model.inputs, model.outputs)
+
+
 # -- signature and comparison helpers -------------------------------------------------------
+
+
+class ReloadError(Exception):
+    """A new configuration could not be put in place; the old one keeps serving."""
+
+
+async def _logged(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except Exception:  # noqa: BLE001 - housekeeping must never take the gateway down
+        log.exception("closing what a reload replaced failed")
+
+
+def _side(model: ModelRouter, route: Route) -> str:
+    return "target" if model.is_target(route) else "current"
 
 
 def _fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:

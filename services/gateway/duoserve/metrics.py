@@ -395,6 +395,138 @@ class Metrics:
             registry=registry,
         )
 
+        self.config_reloads = LoopCounter(
+            "duoserve_config_reloads",
+            "Reloads of models.yaml by result: ok, error (the file was refused; the previous "
+            "configuration keeps serving), unchanged.",
+            ["result"],
+            registry=registry,
+        )
+        self.config_info = LoopGauge(
+            "duoserve_config_info",
+            "1 for the models.yaml this replica serves, by the first 12 hex digits of its SHA-256.",
+            ["hash"],
+            registry=registry,
+        )
+        # Rollouts (duoserve/rollout.py): what the gates read, and where each rollout stands.
+        # Label rollout = a hash of the model's rollout block, so replicas find each other's
+        # series and a new block starts afresh.
+        keyed = ["model", "rollout"]
+        self.rollout_calls = LoopCounter(
+            "duoserve_rollout_calls",
+            "Calls to the rollout's target (side=target, user requests and copies) and to the "
+            "routes it replaces (side=current), by outcome (error: 5xx or timeout).",
+            [*keyed, "side", "outcome"],
+            registry=registry,
+        )
+        self.rollout_call_duration = LoopHistogram(
+            "duoserve_rollout_call_duration_seconds",
+            "Backend time of successful calls to the target and to the current routes.",
+            [*keyed, "side"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rollout_compared_items = LoopCounter(
+            "duoserve_rollout_compared_items",
+            "Rows answered by both the target and a current route (copies to the target).",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_disagreeing_items = LoopCounter(
+            "duoserve_rollout_disagreeing_items",
+            "Compared rows whose argmax differed between the target and the current route.",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_diff_exceeded = LoopCounter(
+            "duoserve_rollout_diff_exceeded",
+            "Compared requests whose largest absolute difference exceeded the max_abs_diff gate.",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_phase = LoopGauge(
+            "duoserve_rollout_phase",
+            "1 for the phase a rollout is in: pending, shadow, step, done, rolled_back.",
+            [*keyed, "phase"],
+            registry=registry,
+        )
+        self.rollout_step = LoopGauge(
+            "duoserve_rollout_step",
+            "Step a rollout is at: 0 before the first, 1..n, n+1 once done.",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_phase_started = LoopGauge(
+            "duoserve_rollout_phase_started_seconds",
+            "Unix time the rollout's current phase began.",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_target_weight = LoopGauge(
+            "duoserve_rollout_target_weight_ratio",
+            "Share of the model's requests the rollout's target serves now.",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_rolled_back = LoopGauge(
+            "duoserve_rollout_rolled_back",
+            "1 once a rollout was rolled back (the target gets no traffic until its block "
+            "changes).",
+            keyed,
+            registry=registry,
+        )
+        self.rollout_gate_value = LoopGauge(
+            "duoserve_rollout_gate_value",
+            "Each gate's last value (target calls, error ratio, p99 ratio, agreement, answers "
+            "beyond max_abs_diff).",
+            [*keyed, "gate"],
+            registry=registry,
+        )
+        self.rollout_gate_threshold = LoopGauge(
+            "duoserve_rollout_gate_threshold",
+            "Each gate's threshold, beside its value.",
+            [*keyed, "gate"],
+            registry=registry,
+        )
+        self.rollout_decisions = LoopCounter(
+            "duoserve_rollout_decisions",
+            "Rollout decisions: advance, done, rollback, join (a replica joining one under way).",
+            ["model", "decision"],
+            registry=registry,
+        )
+
+    def rollout_metrics(self) -> list[LoopMetric]:
+        """The rollout series keyed by (model, rollout)."""
+        return [
+            self.rollout_calls,
+            self.rollout_call_duration,
+            self.rollout_compared_items,
+            self.rollout_disagreeing_items,
+            self.rollout_diff_exceeded,
+            self.rollout_phase,
+            self.rollout_step,
+            self.rollout_phase_started,
+            self.rollout_target_weight,
+            self.rollout_rolled_back,
+            self.rollout_gate_value,
+            self.rollout_gate_threshold,
+        ]
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop the series of a backend a reload removed from the configuration."""
+        self.circuit_state.remove(backend)
+        self.backend_up.remove(backend)
+        self.backend_endpoints.remove(backend)
+        for metric in (
+            self.endpoint_requests,
+            self.endpoint_failures,
+            self.endpoint_in_flight,
+            self.endpoint_up,
+            self.endpoint_ejections,
+            self.endpoint_resolutions,
+        ):
+            metric.remove(backend)
+
     def forget_endpoint(self, backend: str, endpoint: str) -> None:
         """Drop a replica's series once it has left."""
         for metric in (

@@ -7,6 +7,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from duoserve.errors import Overloaded, UpstreamTimeout
@@ -150,6 +151,17 @@ class CircuitBreaker:
         limiter, cancelled, or a client error). Half-open, the probe slot is freed so the next
         call probes: closing here would trust a backend no call has reached."""
         self._probing = False
+
+
+@dataclass
+class BackendGuard:
+    """A backend's resilience state, which every call to it goes through (and which a reload
+    that keeps the backend keeps too)."""
+
+    limiter: ConcurrencyLimiter
+    breaker: CircuitBreaker
+    retries: int
+    timeout_s: float
 
 
 class RetryBudget:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """Health endpoints answer without an API key (probes)."""
     open_metrics: bool = True
     """/metrics answers without an API key (scrapers)."""
+    config_poll_s: float = Field(default=2.0, ge=0, le=3600)
+    """How often models.yaml is read again: a changed (and valid) file is put in place while
+    requests keep flowing; SIGHUP reloads at once. 0: only SIGHUP."""
     backend_probe_interval_s: float = Field(default=5.0, gt=0)
     """How often backend readiness (duoserve_backend_up) is refreshed."""
     drain_grace_s: float = Field(default=20.0, ge=0)
