@@ -262,7 +262,7 @@ class RolloutConfig(_Strict):
     """Percent of the model's requests sent to the target, one step after another."""
     step_interval_s: float = Field(300.0, ge=1, le=30 * 86_400)
     """Shortest time in the shadow phase and in each step."""
-    evaluate_interval_s: float = Field(10.0, ge=0.5, le=3600)
+    evaluate_interval_s: float = Field(10.0, ge=0.1, le=3600)
     """How often the gates are checked within a phase (a failing target is rolled back within
     this long)."""
     gates: GatesConfig = GatesConfig.model_validate({})
