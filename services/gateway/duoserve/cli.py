@@ -197,19 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(run=_keys_new)
 
     bench = commands.add_parser(
-        "bench", help="load generator; `duoserve bench --help`", add_help=False
+        "bench",
+        help="load generator (the `bench` extra); `duoserve bench --help`",
+        add_help=False,
     )
-    # Listed for --help only: main() hands `bench` and its own options to duoserve.bench.
+    # Listed for --help only: main() hands `bench` and its own options to duoserve_bench.
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+# What `duoserve bench` needs beyond the gateway: its own package and the `bench` extra's
+# client. Any other missing module is a bug to show, not an installation to suggest.
+BENCH_MODULES = ("duoserve_bench", "aiohttp")
+BENCH_MISSING = (
+    "duoserve bench: the load generator is not installed (no module {name}); "
+    "install it with: pip install 'duoserve[bench]' (in a checkout: pip install -e '.[bench]')"
+)
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from duoserve_bench.cli import main as bench_main
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in BENCH_MODULES:
+            raise
+        print(BENCH_MISSING.format(name=error.name), file=sys.stderr)
+        return 2
+    return bench_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its options are its own; argparse.REMAINDER would eat none
-        from duoserve.bench import main as bench_main
-
-        return bench_main(argv[1:])
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result
