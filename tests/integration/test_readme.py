@@ -161,3 +161,19 @@ def test_the_first_example_with_the_readme_s_pin_and_route_key_headers(
         for _ in range(8)
     }
     assert len(served) == 1
+
+
+def test_the_readme_names_every_tf_serving_metric_only_the_stand_in_produced() -> None:
+    # The dashboards' TF Serving series were seen from the stand-in only: the README says so.
+    used = set()
+    for dashboard in (REPO / "deploy" / "grafana" / "dashboards").glob("*.json"):
+        used |= set(re.findall(r":tensorflow:serving:[a-z_:]+", dashboard.read_text()))
+    histograms = {name.removesuffix("_bucket") for name in used if name.endswith("_bucket")}
+    families = {
+        base if (base := re.sub(r"_(bucket|count|sum)$", "", name)) in histograms else name
+        for name in used
+    }
+    assert families  # the TF Serving row exists
+    (note,) = [p for p in README.split("\n- ") if p.startswith("**TF Serving metrics**")]
+    assert "tests/tfserving_standin/metrics.py" in note
+    assert sorted(f for f in families if f"`{f}`" not in note) == []
