@@ -129,25 +129,45 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import urllib.error
     import urllib.request
 
-    with open(args.payload, "rb") as handle:
-        body = handle.read()
-    request = urllib.request.Request(
-        f"{args.url.rstrip('/')}/v2/models/{args.model}/compare",
-        data=body,
-        headers={"content-type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's own URL
-        report = json.load(response)
+    try:
+        with open(args.payload, "rb") as handle:
+            body = handle.read()
+    except OSError as error:
+        print(f"duoserve compare: cannot read {args.payload}: {error.strerror}", file=sys.stderr)
+        return 2
+    headers = {"content-type": "application/json"}
+    # From the environment, not the command line, where other users' `ps` would show it.
+    key = os.environ.get("DUOSERVE_API_KEY")
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    url = f"{args.url.rstrip('/')}/v2/models/{args.model}/compare"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's URL
+            report = json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = error.reason
+        print(f"duoserve compare: HTTP {error.code}: {reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as error:
+        why = getattr(error, "reason", error)
+        print(f"duoserve compare: cannot reach {args.url}: {why}", file=sys.stderr)
+        return 1
     for entry in report["results"]:
         outcome = f"{entry['latency_ms']:.2f} ms" if "latency_ms" in entry else entry["error"]
         print(f"{entry['framework']:<11} {entry['backend']:<12} {outcome}")
     for pair in report["agreement"]:
+        diff = pair["max_abs_diff"]
         print(
             f"{pair['a']['framework']} vs {pair['b']['framework']}: argmax agreement "
-            f"{pair['argmax_agree']}/{pair['rows']}, max abs diff {pair['max_abs_diff']:.3g}"
+            f"{pair['argmax_agree']}/{pair['rows']}, max abs diff "
+            + ("n/a" if diff is None else f"{diff:.3g}")
         )
     return 0
 
@@ -178,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(run=_models)
 
-    compare = commands.add_parser("compare", help="run a V2 payload on every framework of a model")
+    compare = commands.add_parser(
+        "compare",
+        help="run a V2 payload on every framework of a model",
+        description="Run a V2 payload on every framework of a model. With API keys on, the "
+        "key (admin scope) comes from the environment: DUOSERVE_API_KEY.",
+    )
     compare.add_argument("model")
     compare.add_argument("payload", help="a V2 infer request body (JSON file)")
     compare.add_argument("--url", default="http://127.0.0.1:8000")
