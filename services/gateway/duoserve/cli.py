@@ -1,4 +1,4 @@
-"""`duoserve serve | config check | models | compare | bench`."""
+"""`duoserve serve | config check | models | compare | keys new | keys hash | bench`."""
 
 from __future__ import annotations
 
