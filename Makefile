@@ -41,7 +41,7 @@ test: setup models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check services tests models
+	$(VENV)/bin/ruff check services tests bench models
 	$(VENV)/bin/mypy
 
 protos: setup

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from duoserve.bench import make_phase, run_phase
-from duoserve.benchtools.loadgen import LoadGenerator
-from duoserve.benchtools.report import latency_stats, machine_info, summarize
-from duoserve.benchtools.targets import InputSpec, build_request, random_tensors
 from duoserve.config import TensorSpec
+from duoserve_bench.cli import make_phase, run_phase
+from duoserve_bench.loadgen import LoadGenerator
+from duoserve_bench.report import latency_stats, machine_info, summarize
+from duoserve_bench.targets import InputSpec, build_request, random_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models.build and tests.servers

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from duoserve.bench import ProgressBar, make_phase, run_phase
-from duoserve.benchtools.loadgen import LoadGenerator, Samples
-from duoserve.benchtools.report import format_table, machine_info, summarize, write_plots
-from duoserve.benchtools.targets import InputSpec, RequestSpec, build_request, random_tensors
+from duoserve_bench.cli import ProgressBar, make_phase, run_phase
+from duoserve_bench.loadgen import LoadGenerator, Samples
+from duoserve_bench.report import format_table, machine_info, summarize, write_plots
+from duoserve_bench.targets import InputSpec, RequestSpec, build_request, random_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 # tests.servers and the TF Serving stand-in live in tests/; models.build in models/.

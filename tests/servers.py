@@ -207,7 +207,7 @@ class TorchServe:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def _start(self, timeout_s: float) -> None:
         config = self.write_config()
         # TorchServe keeps its pid file in the temp dir and refuses to start when one exists:
         # a temp dir per server lets several run side by side (and leaves the machine's alone).
@@ -266,6 +266,15 @@ class TorchServe:
 
             wait_until(answers, timeout_s, f"TorchServe model {name}", self.proc, self.log)
 
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Start and wait until every model answers; a server that never got there is stopped
+        before the error is raised (its caller has nothing to stop yet)."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc, grace_s=15)
@@ -315,7 +324,11 @@ class Gateway:
         def ready() -> bool:
             return http_get(self.url + "/v2/health/ready")[0] == 200
 
-        wait_until(ready, timeout_s, "the gateway", self.proc, self.log)
+        try:
+            wait_until(ready, timeout_s, "the gateway", self.proc, self.log)
+        except BaseException:
+            self.stop()  # never ready: stopped here, the caller has nothing to stop yet
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from duoserve.benchtools.loadgen import Phase, run_phase
-from duoserve.benchtools.targets import RequestSpec
+from duoserve_bench.loadgen import Phase, run_phase
+from duoserve_bench.targets import RequestSpec
 from tests.servers import VENV_BIN, Gateway
 
 

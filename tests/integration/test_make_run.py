@@ -37,6 +37,7 @@ def test_make_run_serves_and_classifies_a_digit_with_both_frameworks(
 ) -> None:
     port = free_port()
     log = tmp_path / "make-run.log"
+    base = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             ["make", "run", f"PORT={port}"],
@@ -46,7 +47,6 @@ def test_make_run_serves_and_classifies_a_digit_with_both_frameworks(
             start_new_session=True,
             env={**os.environ, "MAKEFLAGS": ""},
         )
-    base = f"http://127.0.0.1:{port}"
     try:
         wait_until(
             lambda: http_get(base + "/v2/health/ready")[0] == 200, 300, "make run", proc, log

@@ -43,7 +43,8 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
 
 def start_gateway(tmp_path: Path, config: dict[str, Any], **env: str) -> Gateway:
-    """`duoserve serve` on a free port; the caller stops it."""
+    """`duoserve serve` on a free port, ready; the caller stops it in a `finally` (one that
+    never got ready was stopped already by Gateway.start)."""
     server = Gateway(write_config(tmp_path / "models.yaml", config), tmp_path, env)
     server.start(120)
     return server

@@ -17,6 +17,7 @@ from duoserve.resilience import (
     RetryBudget,
     backoff_s,
 )
+from tests.timing import FakeClock
 
 
 def test_deadline_check_raises_504_with_the_budget() -> None:
@@ -34,10 +35,10 @@ async def test_limiter_sheds_at_once_when_slots_and_queue_are_full() -> None:
     queued = asyncio.ensure_future(limiter.acquire(deadline))
     await asyncio.sleep(0)
     assert limiter.queued == 1
-    started = time.perf_counter()
+    # At once: the first step of acquire() raises, without waiting on anything.
+    shed = limiter.acquire(deadline)
     with pytest.raises(Overloaded) as caught:
-        await limiter.acquire(deadline)
-    assert time.perf_counter() - started < 0.01
+        shed.send(None)
     assert caught.value.status == 503 and caught.value.headers["retry-after"] == "1"
     limiter.release()  # hands the slot to the queued waiter
     await queued
@@ -49,10 +50,13 @@ async def test_limiter_sheds_at_once_when_slots_and_queue_are_full() -> None:
 async def test_limiter_waiter_gives_up_within_its_deadline_and_leaks_no_slot() -> None:
     limiter = ConcurrencyLimiter("model 'm'", limit=1, max_queue=4, max_wait_s=5)
     await limiter.acquire(Deadline(10))
-    started = time.perf_counter()
+    deadline = Deadline(0.05)
+    started = time.monotonic()
     with pytest.raises(Overloaded):
-        await limiter.acquire(Deadline(0.05))
-    assert time.perf_counter() - started < 0.5
+        await limiter.acquire(deadline)
+    # Its deadline (50 ms) ended the wait, not max_wait_s (5 s).
+    assert deadline.expired()
+    assert time.monotonic() - started < limiter.max_wait_s
     cancelled = asyncio.ensure_future(limiter.acquire(Deadline(10)))
     await asyncio.sleep(0)
     cancelled.cancel()
@@ -64,7 +68,10 @@ async def test_limiter_waiter_gives_up_within_its_deadline_and_leaks_no_slot() -
     assert limiter.active == 1
 
 
-def test_breaker_opens_after_threshold_then_probes_once_and_closes() -> None:
+def test_breaker_opens_after_threshold_then_probes_once_and_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock.install(monkeypatch)
     states: list[str] = []
     breaker = CircuitBreaker(threshold=3, reset_s=0.05, on_change=states.append)
     for _ in range(2):
@@ -72,8 +79,10 @@ def test_breaker_opens_after_threshold_then_probes_once_and_closes() -> None:
     assert breaker.allow() and breaker.state == "closed"
     breaker.record_failure()
     assert breaker.state == "open" and not breaker.allow()
-    assert 0 < breaker.retry_after_s() <= 0.05
-    time.sleep(0.06)
+    assert breaker.retry_after_s() == pytest.approx(0.05)
+    clock.advance(0.05 - 1e-6)
+    assert not breaker.allow()
+    clock.advance(2e-6)
     assert breaker.allow()  # the probe
     assert breaker.state == "half_open" and not breaker.allow()  # only one probe at a time
     breaker.record_success()
@@ -81,10 +90,13 @@ def test_breaker_opens_after_threshold_then_probes_once_and_closes() -> None:
     assert states == ["open", "half_open", "closed"]
 
 
-def test_breaker_half_open_failure_reopens_and_neutral_outcome_does_not_close() -> None:
+def test_breaker_half_open_failure_reopens_and_neutral_outcome_does_not_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock.install(monkeypatch)
     breaker = CircuitBreaker(threshold=1, reset_s=0.01)
     breaker.record_failure()
-    time.sleep(0.02)
+    clock.advance(0.01 + 1e-6)
     assert breaker.allow()
     breaker.record_neutral()  # e.g. shed by the gateway's own limiter: nothing was learned
     assert breaker.state == "half_open"
@@ -93,13 +105,14 @@ def test_breaker_half_open_failure_reopens_and_neutral_outcome_does_not_close() 
     assert breaker.state == "open" and not breaker.allow()
 
 
-def test_breaker_stragglers_do_not_extend_the_open_period() -> None:
+def test_breaker_stragglers_do_not_extend_the_open_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock.install(monkeypatch)
     breaker = CircuitBreaker(threshold=1, reset_s=0.05)
     breaker.record_failure()
-    time.sleep(0.03)
+    clock.advance(0.03)
     breaker.record_failure()  # a call that started before the circuit opened
-    time.sleep(0.03)
-    assert breaker.allow()
+    clock.advance(0.02 + 1e-6)
+    assert breaker.allow()  # 50 ms after opening, not 20 ms after the straggler
 
 
 def test_retry_budget_is_a_share_of_active_calls_with_a_floor() -> None:
@@ -122,11 +135,12 @@ def test_backoff_is_jittered_and_capped() -> None:
 
 
 # The watcher starts 20 ms after the body: a client may leave before or after that.
-@pytest.mark.parametrize("leaves_after_s", [0.005, 0.06])
+@pytest.mark.parametrize("leaves", ["before_the_watcher_starts", "while_the_watcher_listens"])
 async def test_cancel_on_disconnect_cancels_the_handler_when_the_client_leaves(
-    leaves_after_s: float,
+    leaves: str,
 ) -> None:
     cancelled = asyncio.Event()
+    watcher_listens = asyncio.Event()
 
     async def slow_app(scope: Any, receive: Any, send: Any) -> None:
         await receive()  # the body
@@ -142,6 +156,7 @@ async def test_cancel_on_disconnect_cancels_the_handler_when_the_client_leaves(
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop(0)
+        watcher_listens.set()  # only the watcher asks for more than the body
         await client_left.wait()
         return {"type": "http.disconnect"}
 
@@ -149,13 +164,16 @@ async def test_cancel_on_disconnect_cancels_the_handler_when_the_client_leaves(
         raise AssertionError("nothing may be sent to a client that left")
 
     app = CancelOnDisconnect(slow_app)
+    if leaves == "before_the_watcher_starts":
+        client_left.set()  # the disconnect waits in receive() for the watcher to come
     task = asyncio.ensure_future(app({"type": "http", "method": "POST"}, receive, send))
-    await asyncio.sleep(leaves_after_s)
-    started = time.perf_counter()
-    client_left.set()
-    await asyncio.wait_for(task, 1)  # returns quietly: no error logged for a departed client
+    if leaves == "while_the_watcher_listens":
+        await watcher_listens.wait()
+        client_left.set()
+    # Returns quietly (no error logged for a departed client), cancelled in its backend call:
+    # uncancelled, the handler would sleep its 10 s out and return without `cancelled` set.
+    await task
     assert cancelled.is_set()
-    assert time.perf_counter() - started < 0.1
 
 
 async def test_cancel_on_disconnect_leaves_a_completed_response_alone() -> None:

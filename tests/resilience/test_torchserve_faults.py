@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import GatewayFactory, v2_body
 from tests.resilience.conftest import digits, local_backend
 from tests.servers import TorchServe
+from tests.timing import eventually
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,7 +57,6 @@ async def test_torchserve_stopped_and_restarted_under_load(
     digits_samples: tuple[np.ndarray, np.ndarray],
 ) -> None:
     server = RestartableTorchServe(tmp_path, model_store / "torchserve", {"digits": {}})
-    await asyncio.to_thread(server.start)
     images, labels = digits_samples
     config = {
         "backends": {
@@ -81,6 +81,7 @@ async def test_torchserve_stopped_and_restarted_under_load(
     }
     samples: list[Sample] = []
     try:
+        await asyncio.to_thread(server.start)
         async with gateway(config, circuit_reset_s=0.5, backend_probe_interval_s=0.5) as (
             client,
             _,
@@ -121,12 +122,30 @@ async def test_torchserve_stopped_and_restarted_under_load(
                 asyncio.ensure_future(load("digits", 1)),
                 asyncio.ensure_future(load("digits-ts", 2)),
             ]
+            def served(model: str, since: float, framework: str | None = None) -> int:
+                return sum(
+                    s.model == model
+                    and s.at > since
+                    and (framework is None or (s.status == 200 and s.framework == framework))
+                    for s in samples
+                )
+
             try:
-                await asyncio.sleep(1.0)
+                await eventually(
+                    lambda: all(served(m, 0, "pytorch") >= 3 for m in ("digits", "digits-ts")),
+                    "both models served by TorchServe before the stop",
+                )
                 stopped_at = time.perf_counter() - origin
                 await asyncio.to_thread(server.stop)
                 down_at = time.perf_counter() - origin
-                await asyncio.sleep(1.5)
+
+                async def outage_seen() -> bool:
+                    ready = (await client.get("/v2/health/ready")).json()
+                    return ready["models"] == {"digits": True, "digits-ts": False} and all(
+                        served(m, down_at + 0.2) >= 5 for m in ("digits", "digits-ts")
+                    )
+
+                await eventually(outage_seen, "the outage seen by readiness and by requests")
                 ready = await client.get("/v2/health/ready")
                 metrics = (await client.get("/metrics")).text
                 assert ready.json()["circuits"]["ts"] in ("open", "half_open")
@@ -139,19 +158,25 @@ async def test_torchserve_stopped_and_restarted_under_load(
                 restart_begun = time.perf_counter() - origin
                 await asyncio.to_thread(server.start)
                 restarted_at = time.perf_counter() - origin
-                # Recovery: pytorch serves digits again.
-                recovered_at = None
-                while time.perf_counter() - origin < restarted_at + 10:
-                    await asyncio.sleep(0.05)
-                    late = [s for s in samples if s.at > restarted_at and s.model == "digits"]
-                    if any(s.framework == "pytorch" for s in late):
-                        recovered_at = min(s.at for s in late if s.framework == "pytorch")
-                        break
-                await asyncio.sleep(0.5)
+                # Recovery, with no restart of the gateway: the circuit closes and pytorch
+                # serves digits again.
+                async def circuit_closed() -> bool:
+                    ready = await client.get("/v2/health/ready")
+                    return bool(ready.json()["circuits"]["ts"] == "closed")
+
+                await eventually(circuit_closed, "the circuit closed after the restart")
+                await eventually(
+                    lambda: served("digits", restarted_at, "pytorch") > 0,
+                    "pytorch serving digits again after the restart",
+                )
+                recovered_at = min(
+                    s.at
+                    for s in samples
+                    if s.model == "digits" and s.at > restarted_at and s.framework == "pytorch"
+                )
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
-            closed = (await client.get("/v2/health/ready")).json()["circuits"]["ts"]
     finally:
         server.stop()
 
@@ -159,8 +184,7 @@ async def test_torchserve_stopped_and_restarted_under_load(
     print(
         f"\n{len(samples)} requests; statuses {sorted(statuses)}; TorchServe stop took "
         f"{down_at - stopped_at:.1f} s, restart {restarted_at - restart_begun:.1f} s; "
-        f"pytorch back {None if recovered_at is None else round(recovered_at - restarted_at, 2)} s "
-        "after TorchServe was ready"
+        f"pytorch back {recovered_at - restarted_at:.2f} s after TorchServe was ready"
     )
     assert 500 not in statuses
     answered = [s for s in samples if s.status == 200]
@@ -182,8 +206,7 @@ async def test_torchserve_stopped_and_restarted_under_load(
     # were possibly processed, so neither retried nor failed over.
     transition = [s for s in samples if stopped_at <= s.at + s.took and s.at <= down_at + 0.2]
     print("during the shutdown:", sorted({(s.model, s.status) for s in transition}))
-    assert all(s.took < 0.5 for s in direct)  # fast: refused connection or open circuit
+    # Refused connection or open circuit, not a timeout: answered well before its deadline.
+    assert all(s.took < DEADLINE_MS / 1000 for s in direct), max(s.took for s in direct)
     reasons = {s.error for s in direct}
     assert all(("not reachable" in r) or ("circuit is open" in r) for r in reasons if r), reasons
-    assert recovered_at is not None and recovered_at - restarted_at < 5
-    assert closed == "closed"

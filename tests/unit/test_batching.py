@@ -17,6 +17,7 @@ from duoserve.config import EmbeddedBackendConfig, TensorSpec
 from duoserve.errors import BadRequest, UpstreamError
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, Tensor
+from tests.timing import eventually
 
 ROWS = [1, 3, 2, 7, 1, 5, 4, 1]
 PIXELS = [TensorSpec(name="pixels", datatype="FP32", shape=[-1, 8, 8])]
@@ -28,10 +29,12 @@ class CountingModel:
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[int] = []
+        self.entered = 0  # calls begun (a gated call is counted while it waits on the gate)
         self.gate = gate
         self.weights = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.entered += 1
         if self.gate is not None:
             self.gate.wait(5)
         x = inputs["x"]
@@ -75,9 +78,9 @@ async def test_requests_queued_behind_a_busy_model_join_the_next_batch_even_with
     model = CountingModel(gate)
     batcher = MicroBatcher(model, executor, max_batch_size=64, max_delay_s=0.0)
     first = asyncio.ensure_future(batcher.submit(_inputs(1, 0)))
-    await asyncio.sleep(0.05)  # the first batch is now running and blocked on the gate
+    await eventually(lambda: model.entered == 1, "the first batch running, held at the gate")
     rest = [asyncio.ensure_future(batcher.submit(_inputs(2, s))) for s in range(1, 6)]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: batcher._queue.qsize() == 5, "the other five queued")
     gate.set()
     try:
         await asyncio.gather(first, *rest)
@@ -115,9 +118,9 @@ async def test_a_cancelled_waiter_does_not_break_the_others(executor: ThreadPool
     batcher = MicroBatcher(model, executor, max_batch_size=64, max_delay_s=0.01)
     try:
         busy = asyncio.ensure_future(batcher.submit(_inputs(1, 0)))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: model.entered == 1, "the busy batch held at the gate")
         queued = [asyncio.ensure_future(batcher.submit(_inputs(r, r))) for r in (2, 3, 4)]
-        await asyncio.sleep(0.01)
+        await eventually(lambda: batcher._queue.qsize() == 3, "three queued behind it")
         queued[1].cancel()  # gives up while waiting for the busy model
         gate.set()
         done = await asyncio.gather(busy, queued[0], queued[2])
@@ -126,7 +129,8 @@ async def test_a_cancelled_waiter_does_not_break_the_others(executor: ThreadPool
         # Cancelled while its own batch runs: the others of that batch still get answers.
         gate.clear()
         running = [asyncio.ensure_future(batcher.submit(_inputs(r, 10 + r))) for r in (1, 2)]
-        await asyncio.sleep(0.05)
+        # busy, then the queued batch, then these two together, held at the gate.
+        await eventually(lambda: model.entered == 3, "their batch running")
         running[0].cancel()
         gate.set()
         survivor = await running[1]

@@ -26,6 +26,7 @@ from duoserve.backends.httpclient import (
 from duoserve.errors import Unavailable, UpstreamError
 from duoserve.resilience import Deadline
 from tests.servers import free_port
+from tests.timing import eventually
 
 # A handler gets (method, target, headers, body) and returns raw bytes to write, None to close
 # the connection without answering, (bytes, "reset") to write then reset the connection, or
@@ -190,9 +191,12 @@ async def test_chunked_eof_delimited_and_interim_answers_are_read_whole() -> Non
 
 
 async def test_a_timed_out_call_never_hands_its_late_answer_to_the_next() -> None:
+    late_answer_sent = asyncio.Event()
+
     async def answer(method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
         if target == "/slow":
             await asyncio.sleep(0.3)
+            late_answer_sent.set()  # written as this returns, before the test runs again
         return ok(target.encode())
 
     async with scripted(answer) as (server, url):
@@ -201,7 +205,7 @@ async def test_a_timed_out_call_never_hands_its_late_answer_to_the_next() -> Non
             await pool.request("GET", "/slow", timeout_s=0.05)
         reply = await pool.request("GET", "/fast", timeout_s=2)
         assert reply.body == b"/fast"
-        await asyncio.sleep(0.35)  # the late answer arrives on the abandoned connection
+        await late_answer_sent.wait()  # the late answer goes out on the abandoned connection
         assert (await pool.request("GET", "/again", timeout_s=2)).body == b"/again"
         await pool.close()
 
@@ -214,7 +218,7 @@ async def test_cancelled_and_waiting_calls_leave_no_slot_behind() -> None:
     async with scripted(slow) as (server, url):
         pool = HTTPPool(url, 2)
         calls = [asyncio.ensure_future(pool.request("GET", "/", timeout_s=5)) for _ in range(6)]
-        await asyncio.sleep(0.05)
+        await eventually(lambda: len(server.requests) == 2, "two calls sent, four waiting")
         for call in calls:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)

@@ -15,6 +15,7 @@ from duoserve.resilience import (
     RetryBudget,
     backoff_s,
 )
+from tests.timing import FakeClock
 
 # -- ConcurrencyLimiter ----------------------------------------------------------------------
 
@@ -42,10 +43,10 @@ async def test_limiter_queues_then_sheds_immediately_when_the_queue_is_full() ->
     assert limiter.queued == 2
     assert not any(w.done() for w in waiters)
 
-    started = time.perf_counter()
+    # Shed at once: the first step of acquire() raises, without waiting on anything.
+    shed = limiter.acquire(Deadline(5))
     with pytest.raises(Overloaded) as caught:
-        await limiter.acquire(Deadline(5))
-    assert time.perf_counter() - started < 0.05  # shed at once, no waiting
+        shed.send(None)
     assert caught.value.status == 503
     assert "backend 'x' is at its concurrency limit" in caught.value.message
     assert caught.value.headers["retry-after"] == "1"
@@ -101,10 +102,14 @@ async def test_new_caller_does_not_jump_the_queue() -> None:
 async def test_waiter_gives_up_after_max_wait() -> None:
     limiter = ConcurrencyLimiter("model 'digits'", limit=1, max_queue=1, max_wait_s=0.05)
     await limiter.acquire(Deadline(5))
-    started = time.perf_counter()
+    deadline = Deadline(5)
+    started = time.monotonic()
     with pytest.raises(Overloaded, match="stayed at its concurrency limit"):
-        await limiter.acquire(Deadline(5))
-    assert 0.04 < time.perf_counter() - started < 0.5
+        await limiter.acquire(deadline)
+    # It waited its max_wait_s (50 ms; 1 ms for timer granularity), and gave up then, long
+    # before its 5 s deadline.
+    assert time.monotonic() - started >= limiter.max_wait_s - 0.001
+    assert not deadline.expired()
     assert limiter.queued == 0
     # The holder's release does not leak a slot to the departed waiter.
     limiter.release()
@@ -114,10 +119,13 @@ async def test_waiter_gives_up_after_max_wait() -> None:
 async def test_waiter_gives_up_at_its_deadline() -> None:
     limiter = ConcurrencyLimiter("m", limit=1, max_queue=1, max_wait_s=10)
     await limiter.acquire(Deadline(5))
-    started = time.perf_counter()
+    deadline = Deadline(0.05)
+    started = time.monotonic()
     with pytest.raises(Overloaded):
-        await limiter.acquire(Deadline(0.05))
-    assert time.perf_counter() - started < 0.5
+        await limiter.acquire(deadline)
+    # Its deadline (50 ms) ended the wait, not max_wait_s (10 s).
+    assert deadline.expired()
+    assert time.monotonic() - started < limiter.max_wait_s
 
 
 async def test_cancelled_waiter_leaves_the_queue() -> None:
@@ -180,12 +188,17 @@ def test_breaker_opens_after_threshold_consecutive_failures() -> None:
     assert changes == ["open"]
 
 
-def test_half_open_lets_one_probe_through_and_closes_on_success() -> None:
+def test_half_open_lets_one_probe_through_and_closes_on_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock.install(monkeypatch)
     changes: list[str] = []
     breaker = CircuitBreaker(threshold=1, reset_s=0.05, on_change=changes.append)
     breaker.record_failure()
     assert not breaker.allow()
-    time.sleep(0.06)
+    clock.advance(0.05 - 1e-6)
+    assert not breaker.allow()
+    clock.advance(2e-6)
     assert breaker.allow()  # the probe
     assert breaker.state == "half_open"
     assert not breaker.allow()  # only one at a time
@@ -196,25 +209,31 @@ def test_half_open_lets_one_probe_through_and_closes_on_success() -> None:
     assert changes == ["open", "half_open", "closed"]
 
 
-def test_failed_probe_reopens() -> None:
+def test_failed_probe_reopens(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock.install(monkeypatch)
     breaker = CircuitBreaker(threshold=2, reset_s=0.05)
     breaker.record_failure()
     breaker.record_failure()
-    time.sleep(0.06)
+    clock.advance(0.06)
     assert breaker.allow()
     breaker.record_failure()  # one failure is enough when half-open
     assert breaker.state == "open"
     assert not breaker.allow()
-    time.sleep(0.06)
+    clock.advance(0.05 - 1e-6)
+    assert not breaker.allow()  # a new full reset period from the failed probe
+    clock.advance(2e-6)
     assert breaker.allow()
     breaker.record_success()
     assert breaker.state == "closed"
 
 
-def test_neutral_probe_outcome_frees_the_probe_without_closing() -> None:
+def test_neutral_probe_outcome_frees_the_probe_without_closing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock.install(monkeypatch)
     breaker = CircuitBreaker(threshold=1, reset_s=0.05)
     breaker.record_failure()
-    time.sleep(0.06)
+    clock.advance(0.06)
     assert breaker.allow()
     breaker.record_neutral()  # e.g. the probe was shed by the gateway's own limiter
     assert breaker.state == "half_open"  # nothing reached the backend: still unproven
@@ -224,12 +243,13 @@ def test_neutral_probe_outcome_frees_the_probe_without_closing() -> None:
     assert breaker.state == "closed"
 
 
-def test_straggler_failure_does_not_extend_the_open_wait() -> None:
+def test_straggler_failure_does_not_extend_the_open_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock.install(monkeypatch)
     breaker = CircuitBreaker(threshold=1, reset_s=0.1)
     breaker.record_failure()
-    time.sleep(0.06)
+    clock.advance(0.06)
     breaker.record_failure()  # a call started before the circuit opened, failing late
-    time.sleep(0.05)
+    clock.advance(0.05)
     assert breaker.allow()  # 0.11 s after opening, not 0.05 s after the straggler
 
 
@@ -257,13 +277,15 @@ def test_backoff_is_bounded_full_jitter() -> None:
 # -- Deadline --------------------------------------------------------------------------------
 
 
-def test_deadline_counts_down_and_expires() -> None:
+def test_deadline_counts_down_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock.install(monkeypatch)
     deadline = Deadline(0.05)
-    first = deadline.remaining()
-    assert 0 < first <= 0.05
+    assert deadline.remaining() == pytest.approx(0.05)
+    clock.advance(0.03)
+    assert deadline.remaining() == pytest.approx(0.02)
     assert not deadline.expired()
-    assert 0 < deadline.check() <= first
-    time.sleep(0.06)
+    assert deadline.check() == pytest.approx(0.02)
+    clock.advance(0.02 + 1e-6)
     assert deadline.expired()
     assert deadline.remaining() == 0.0
     with pytest.raises(UpstreamTimeout) as caught:

@@ -424,6 +424,14 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
         "content type 'text/plain' is not accepted",
     ),
     (
+        "compare-curl-form",  # curl -d without -H 'content-type: application/json'
+        "POST",
+        "/v2/models/digits/compare",
+        {"content": b"{}", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+        "not accepted here; send application/json",
+    ),
+    (
         "content-encoding",
         "POST",
         INFER,

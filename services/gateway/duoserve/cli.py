@@ -1,4 +1,4 @@
-"""`duoserve serve | config check | models | compare | bench`."""
+"""`duoserve serve | config check | models | compare | keys new | keys hash | bench`."""
 
 from __future__ import annotations
 
@@ -150,25 +150,45 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import urllib.error
     import urllib.request
 
-    with open(args.payload, "rb") as handle:
-        body = handle.read()
-    request = urllib.request.Request(
-        f"{args.url.rstrip('/')}/v2/models/{args.model}/compare",
-        data=body,
-        headers={"content-type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's own URL
-        report = json.load(response)
+    try:
+        with open(args.payload, "rb") as handle:
+            body = handle.read()
+    except OSError as error:
+        print(f"duoserve compare: cannot read {args.payload}: {error.strerror}", file=sys.stderr)
+        return 2
+    headers = {"content-type": "application/json"}
+    # From the environment, not the command line, where other users' `ps` would show it.
+    key = os.environ.get("DUOSERVE_API_KEY")
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    url = f"{args.url.rstrip('/')}/v2/models/{args.model}/compare"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's URL
+            report = json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = error.reason
+        print(f"duoserve compare: HTTP {error.code}: {reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as error:
+        why = getattr(error, "reason", error)
+        print(f"duoserve compare: cannot reach {args.url}: {why}", file=sys.stderr)
+        return 1
     for entry in report["results"]:
         outcome = f"{entry['latency_ms']:.2f} ms" if "latency_ms" in entry else entry["error"]
         print(f"{entry['framework']:<11} {entry['backend']:<12} {outcome}")
     for pair in report["agreement"]:
+        diff = pair["max_abs_diff"]
         print(
             f"{pair['a']['framework']} vs {pair['b']['framework']}: argmax agreement "
-            f"{pair['argmax_agree']}/{pair['rows']}, max abs diff {pair['max_abs_diff']:.3g}"
+            f"{pair['argmax_agree']}/{pair['rows']}, max abs diff "
+            + ("n/a" if diff is None else f"{diff:.3g}")
         )
     return 0
 
@@ -199,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(run=_models)
 
-    compare = commands.add_parser("compare", help="run a V2 payload on every framework of a model")
+    compare = commands.add_parser(
+        "compare",
+        help="run a V2 payload on every framework of a model",
+        description="Run a V2 payload on every framework of a model. With API keys on, the "
+        "key (admin scope) comes from the environment: DUOSERVE_API_KEY.",
+    )
     compare.add_argument("model")
     compare.add_argument("payload", help="a V2 infer request body (JSON file)")
     compare.add_argument("--url", default="http://127.0.0.1:8000")
@@ -218,19 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(run=_keys_new)
 
     bench = commands.add_parser(
-        "bench", help="load generator; `duoserve bench --help`", add_help=False
+        "bench",
+        help="load generator (the `bench` extra); `duoserve bench --help`",
+        add_help=False,
     )
-    # Listed for --help only: main() hands `bench` and its own options to duoserve.bench.
+    # Listed for --help only: main() hands `bench` and its own options to duoserve_bench.
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+# What `duoserve bench` needs beyond the gateway: its own package and the `bench` extra's
+# client. Any other missing module is a bug to show, not an installation to suggest.
+BENCH_MODULES = ("duoserve_bench", "aiohttp")
+BENCH_MISSING = (
+    "duoserve bench: the load generator is not installed (no module {name}); "
+    "install it with: pip install 'duoserve[bench]' (in a checkout: pip install -e '.[bench]')"
+)
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from duoserve_bench.cli import main as bench_main
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in BENCH_MODULES:
+            raise
+        print(BENCH_MISSING.format(name=error.name), file=sys.stderr)
+        return 2
+    return bench_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its options are its own; argparse.REMAINDER would eat none
-        from duoserve.bench import main as bench_main
-
-        return bench_main(argv[1:])
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result

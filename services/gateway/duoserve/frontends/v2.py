@@ -434,6 +434,9 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 async def compare(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
     headers = request.headers
+    # Like /infer, and unlike the TF Serving and TorchServe front doors (whose servers read any
+    # body as JSON, so their clients may send curl's form type): a V2 body is JSON, and a form
+    # or text body is refused with a 415 that says so rather than guessed at.
     check_content_type(headers, (JSON,))
     body = await read_body(request.receive, headers, gateway.max_body_bytes)
     decoded = decode_v2_request(body, model, None, gateway.dataplane.model(model).config)

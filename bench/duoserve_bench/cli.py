@@ -25,15 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from duoserve.benchtools.loadgen import LoadGenerator, Phase, Samples
-from duoserve.benchtools.report import (
+from duoserve_bench.loadgen import LoadGenerator, Phase, Samples
+from duoserve_bench.report import (
     format_table,
     machine_info,
     process_cpu_seconds,
     summarize,
     write_plots,
 )
-from duoserve.benchtools.targets import (
+from duoserve_bench.targets import (
     PROTOCOLS,
     TARGETS,
     RequestSpec,

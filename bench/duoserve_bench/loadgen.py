@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp  # the `bench` extra; `duoserve bench` says how to install it when missing
 import numpy as np
 
-from duoserve.benchtools.targets import RequestSpec
+from duoserve_bench.targets import RequestSpec
 
 # Status codes recorded besides HTTP ones (gRPC OK is recorded as 200).
 TRANSPORT_ERROR = -1
@@ -75,9 +76,6 @@ Send = Callable[[], Awaitable[int]]
 
 class _Http:
     def __init__(self, spec: RequestSpec, limit: int, timeout_s: float) -> None:
-        import aiohttp
-
-        self._aiohttp = aiohttp
         self.spec = spec
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=60),
@@ -94,7 +92,7 @@ class _Http:
                 return r.status
         except TimeoutError:
             return CLIENT_TIMEOUT
-        except (self._aiohttp.ClientError, OSError):
+        except (aiohttp.ClientError, OSError):
             return TRANSPORT_ERROR
 
     async def close(self) -> None:

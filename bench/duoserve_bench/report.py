@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from duoserve.benchtools.loadgen import CLIENT_TIMEOUT, GRPC_BASE, TRANSPORT_ERROR, Samples
+from duoserve_bench.loadgen import CLIENT_TIMEOUT, GRPC_BASE, TRANSPORT_ERROR, Samples
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 # Log-spaced latency bins, 10 us .. 100 s, 40 per decade: enough for a CDF plot from JSON.

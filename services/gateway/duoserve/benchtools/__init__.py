@@ -1,1 +1,0 @@
-"""Pieces of `duoserve bench`: request targets, the load generator, statistics and reports."""
