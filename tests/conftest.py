@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -97,18 +95,6 @@ def embedded_config(**models: dict[str, Any]) -> dict[str, Any]:
 
 
 GatewayFactory = Callable[..., Any]
-
-
-async def wait_for(
-    check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.01
-) -> None:
-    """Wait (in the event loop) until ``check()`` is true; fail naming ``what`` after
-    ``timeout_s``. For synchronising with what a test waits on, instead of a fixed sleep."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(interval_s)
 
 
 @pytest.fixture

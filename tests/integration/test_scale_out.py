@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ from duoserve.app import create_app
 from duoserve.backends.tfserving import TFServingBackend
 from duoserve.config import parse_config
 from duoserve.settings import Settings
-from tests.conftest import DIGITS_IO, v2_body, wait_for
+from tests.conftest import DIGITS_IO, v2_body
 from tests.servers import REPO, Gateway, TorchServe, free_port, http_get
 from tests.tfserving_standin.fixture import StandinHandle, start_standin
+from tests.timing import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -266,13 +267,13 @@ async def test_a_replica_killed_under_load_fails_no_request_and_is_taken_back(
         load = Load(client, "/v2/models/digits-grpc/infer")
         running = asyncio.create_task(load.run())
         try:
-            await wait_for(lambda: sum(load.statuses.values()) > 300, 30, "load under way")
+            await eventually(lambda: sum(load.statuses.values()) > 300, "load under way", 30)
             standins.handles[victim].kill()
             killed_at = time.monotonic()
-            await wait_for_async(
-                lambda: endpoint_up(gateway_url, "tfs-grpc").get(address) == 0,
-                5,
+            await eventually(
+                blocking(lambda: endpoint_up(gateway_url, "tfs-grpc").get(address) == 0),
                 "the killed replica being ejected",
+                5,
             )
             ejected_after = time.monotonic() - killed_at
             assert ejected_after <= 1.0, ejected_after
@@ -280,7 +281,7 @@ async def test_a_replica_killed_under_load_fails_no_request_and_is_taken_back(
             await asyncio.to_thread(standins.start, victim)
             back_at = time.monotonic()
             replica = standins.handles[victim]
-            await wait_for_async(lambda: replica.predicts() > 0, 10, "traffic to the replica")
+            await eventually(blocking(lambda: replica.predicts() > 0), "traffic to the replica", 10)
             back_after = time.monotonic() - back_at
             assert back_after <= 5.0, back_after
         finally:
@@ -290,14 +291,10 @@ async def test_a_replica_killed_under_load_fails_no_request_and_is_taken_back(
     assert endpoint_up(gateway_url, "tfs-grpc")[address] == 1
 
 
-async def wait_for_async(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """wait_for with a check that blocks (HTTP to a server): run in a thread, so the load
-    generator on this event loop keeps going."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.05)
+def blocking(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A check that blocks (HTTP to a server), run in a thread so the load generator on this
+    event loop keeps going while it waits."""
+    return lambda: asyncio.to_thread(check)
 
 
 class Names:
@@ -347,24 +344,26 @@ async def test_replicas_joining_and_leaving_dns(standins: Standins) -> None:
             load = Load(client, "/v2/models/digits/infer")
             running = asyncio.create_task(load.run(concurrency=6))
             try:
-                await wait_for(lambda: sum(load.statuses.values()) > 100, 30, "load under way")
+                await eventually(lambda: sum(load.statuses.values()) > 100, "load under way", 30)
                 first = joining.predicts()
                 names.addresses = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
                 joined_at = time.monotonic()
-                await wait_for_async(
-                    lambda: joining.predicts() > first, 10, "traffic to the joining replica"
+                await eventually(
+                    blocking(lambda: joining.predicts() > first),
+                    "traffic to the joining replica",
+                    10,
                 )
                 assert time.monotonic() - joined_at <= interval_s + slow_start_s + 0.5
 
                 # A request in flight on the leaving replica when it leaves DNS.
                 leaving.set_delay(1500)
                 endpoint = backend.endpoints.endpoints[f"{leaving_host}:{standins.grpc_port}"]
-                await wait_for(lambda: endpoint.outstanding > 0, 10, "a call on the replica")
+                await eventually(lambda: endpoint.outstanding > 0, "a call on the replica", 10)
                 names.addresses = ["127.0.0.1", "127.0.0.3"]
-                await wait_for(lambda: endpoint.state == "draining", 5, "the replica draining")
+                await eventually(lambda: endpoint.state == "draining", "the replica draining", 5)
                 removed_count = await asyncio.to_thread(leaving.predicts)
                 ok_before = load.statuses[200]
-                await wait_for(lambda: endpoint.outstanding == 0, 10, "its calls finishing")
+                await eventually(lambda: endpoint.outstanding == 0, "its calls finishing", 10)
                 assert load.statuses[200] > ok_before
                 await asyncio.sleep(0.5)
                 assert await asyncio.to_thread(leaving.predicts) == removed_count

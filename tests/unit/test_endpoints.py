@@ -19,7 +19,7 @@ from duoserve.backends.endpoints import EndpointSet, resolve_host, split_host_po
 from duoserve.config import OutlierConfig
 from duoserve.errors import BadRequest, Overloaded, Unavailable, UpstreamError
 from duoserve.metrics import Metrics
-from tests.conftest import wait_for
+from tests.timing import eventually
 
 
 class Replica:
@@ -225,10 +225,10 @@ async def test_consecutive_failures_eject_a_replica_and_a_probe_brings_it_back()
     await asyncio.sleep(0.2)
     assert bad.state == "ejected"
     Replica.down.clear()
-    await wait_for(lambda: bad.state == "active", 2, "the replica returning after its probe")
+    await eventually(lambda: bad.state == "active", "the replica returning after its probe", 2)
     # It comes back on the fresh transport its probe used; the old one is closed.
     assert bad.transport is not old_transport
-    await wait_for(lambda: old_transport.closed, 2, "the old transport closing")
+    await eventually(lambda: old_transport.closed, "the old transport closing", 2)
     assert sample(metrics, "duoserve_endpoint_up", backend="ts", endpoint="10.0.0.2:1") == 1
     await endpoints.close()
 
@@ -364,7 +364,7 @@ async def test_a_replica_that_leaves_finishes_its_calls_then_closes() -> None:
         return replica.address
 
     in_flight = asyncio.create_task(endpoints.call(slow, avoid=["10.0.0.1:1"]))
-    await wait_for(lambda: leaving.outstanding == 1, 2, "the call on the leaving replica")
+    await eventually(lambda: leaving.outstanding == 1, "the call on the leaving replica", 2)
     names.answers["ts"] = ["10.0.0.1"]
     await endpoints.refresh()
     assert leaving.state == "draining" and not leaving.transport.closed
@@ -373,7 +373,7 @@ async def test_a_replica_that_leaves_finishes_its_calls_then_closes() -> None:
     assert sample(metrics, "duoserve_endpoint_up", backend="ts", endpoint="10.0.0.2:1") is None
     release.set()
     assert await in_flight == "10.0.0.2:1"
-    await wait_for(lambda: leaving.transport.closed, 2, "the drained replica closing")
+    await eventually(lambda: leaving.transport.closed, "the drained replica closing", 2)
     await endpoints.close()
 
 
@@ -412,7 +412,7 @@ async def test_a_backend_not_resolvable_at_start_is_found_later() -> None:
     assert raised.value.reason == "no_endpoints"
     names.answers["ts"] = ["10.0.0.1"]
     # While nothing resolves, names are retried every second whatever the interval.
-    await wait_for(lambda: bool(endpoints.usable), 3, "the replica being found")
+    await eventually(lambda: bool(endpoints.usable), "the replica being found", 3)
     assert await endpoints.call(answer) == "10.0.0.1:1"
     await endpoints.close()
 

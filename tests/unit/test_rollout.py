@@ -24,7 +24,8 @@ from duoserve.app import create_app
 from duoserve.config import ConfigError, RolloutConfig, parse_config
 from duoserve.rollout import Numbers, bucket_quantile, judge
 from duoserve.settings import Settings
-from tests.conftest import DIGITS_IO, STORE, v2_body, wait_for
+from tests.conftest import DIGITS_IO, STORE, v2_body
+from tests.timing import eventually
 
 
 def rfc3339(at: float) -> str:
@@ -221,7 +222,7 @@ async def test_a_rollout_between_twins_reaches_done_step_by_step(
         traffic = Traffic(client, digits_samples[0])
         running = asyncio.create_task(traffic.run())
         try:
-            await wait_for(lambda: status_of(app)["phase"] == "done", 60, "the rollout's end")
+            await eventually(lambda: status_of(app)["phase"] == "done", "the rollout's end", 60)
         finally:
             traffic.stop = True
             await running
@@ -254,7 +255,7 @@ async def test_a_rollout_to_a_disagreeing_model_stops_before_any_user_sees_it(
         traffic = Traffic(client, digits_samples[0])
         running = asyncio.create_task(traffic.run())
         try:
-            await wait_for(lambda: status_of(app)["phase"] == "rolled_back", 60, "the rollback")
+            await eventually(lambda: status_of(app)["phase"] == "rolled_back", "the rollback", 60)
             rolled_back_at = time.time()
             await asyncio.sleep(1.5)  # several evaluation points later: still rolled back
         finally:
@@ -285,23 +286,23 @@ async def test_a_rolled_back_rollout_stays_so_until_its_block_changes(
         traffic = Traffic(client, digits_samples[0])
         running = asyncio.create_task(traffic.run())
         try:
-            await wait_for(lambda: status_of(app)["phase"] == "rolled_back", 60, "rollback")
+            await eventually(lambda: status_of(app)["phase"] == "rolled_back", "rollback", 60)
             first = status_of(app)["rollout"]
             # Another part of the file changes: the rollout is the same and stays rolled back.
             edited = copy.deepcopy(bad)
             edited["models"]["digits"]["timeout_ms"] = 4000
             path.write_text(yaml.safe_dump(edited))
             dataplane = app.state.gateway.dataplane
-            await wait_for(
-                lambda: dataplane.config.models["digits"].timeout_ms == 4000, 10, "the reload"
+            await eventually(
+                lambda: dataplane.config.models["digits"].timeout_ms == 4000, "the reload", 10
             )
             assert status_of(app)["phase"] == "rolled_back"
             assert status_of(app)["rollout"] == first
             # A new block (the fixed target, a new start) starts a new rollout.
             fixed = config(rollout_block())
             path.write_text(yaml.safe_dump(fixed))
-            await wait_for(lambda: status_of(app)["rollout"] != first, 10, "the new rollout")
-            await wait_for(lambda: status_of(app)["phase"] == "done", 60, "the new rollout's end")
+            await eventually(lambda: status_of(app)["rollout"] != first, "the new rollout", 10)
+            await eventually(lambda: status_of(app)["phase"] == "done", "the new rollout's end", 60)
         finally:
             traffic.stop = True
             await running
