@@ -700,6 +700,62 @@ def _shadow_panels(model: str, framework: str) -> tuple[Panel, ...]:
     )
 
 
+def _rollout_row(model: str) -> Row:
+    """Where each rollout stands: the target's share over time, its gates against their
+    thresholds, and how models.yaml reloads went (a rollout is started by a reload)."""
+    sel = _selector(model)
+    return Row(
+        "Rollouts and configuration",
+        (
+            Panel(
+                "Rollout: target's share of requests",
+                "Share of the model's requests its rollout target serves: 0 in the shadow "
+                "phase, each step's percent, 1 when done, back to 0 when rolled back "
+                "(DuoServeRolloutRolledBack).",
+                (
+                    Query(
+                        f"max by (model) (duoserve_rollout_target_weight_ratio{sel})",
+                        "{{model}}",
+                    ),
+                ),
+                unit="percentunit",
+                width=8,
+            ),
+            Panel(
+                "Rollout gates against their thresholds",
+                "Each gate's value at the last evaluation beside its threshold: target calls "
+                "(min_requests), error ratio, p99 ratio to the current routes, argmax agreement, "
+                "answers beyond max_abs_diff.",
+                (
+                    Query(
+                        f"max by (model, gate) (duoserve_rollout_gate_value{sel})",
+                        "{{model}} {{gate}}",
+                    ),
+                    Query(
+                        f"max by (model, gate) (duoserve_rollout_gate_threshold{sel})",
+                        "{{model}} {{gate}} threshold",
+                    ),
+                ),
+                width=8,
+            ),
+            Panel(
+                "models.yaml reloads",
+                "Reloads of models.yaml per result (ok, error: refused, the previous "
+                "configuration serves on; unchanged), and the configuration each replica serves "
+                "by hash: replicas showing different hashes have not all picked up an edit yet.",
+                (
+                    Query(
+                        f"sum by (result) (increase(duoserve_config_reloads_total[{RATE}]))",
+                        "{{result}}",
+                    ),
+                    Query("count by (hash) (duoserve_config_info)", "replicas on {{hash}}"),
+                ),
+                width=8,
+            ),
+        ),
+    )
+
+
 def _model_rows() -> tuple[Row, ...]:
     # One model picked, yet still =~: a plain name is a regex matching itself, and the same
     # selectors serve both dashboards.
@@ -726,6 +782,7 @@ def _model_rows() -> tuple[Row, ...]:
             ),
         ),
         Row("Shadow comparison", _shadow_panels(model, FRAMEWORK)),
+        _rollout_row(model),
     )
 
 

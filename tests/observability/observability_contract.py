@@ -91,7 +91,16 @@ REPLICA_METRICS = frozenset(
         "duoserve_endpoint_resolutions_total",
     }
 )
-EVENT_DRIVEN_GATEWAY_METRICS = REPLICA_METRICS | frozenset(
+# Series of rollouts and reloads: none until a model has a rollout or the file was reloaded.
+ROLLOUT_METRICS = frozenset(
+    {
+        "duoserve_rollout_target_weight_ratio",
+        "duoserve_rollout_gate_value",
+        "duoserve_rollout_gate_threshold",
+        "duoserve_config_reloads_total",
+    }
+)
+EVENT_DRIVEN_GATEWAY_METRICS = REPLICA_METRICS | ROLLOUT_METRICS | frozenset(
     {
         "duoserve_backend_errors_total",
         "duoserve_shed_requests_total",

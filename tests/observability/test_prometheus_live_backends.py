@@ -28,6 +28,7 @@ from live_stack import wait_for
 from observability_contract import (
     JOB_OF_SOURCE,
     PANELS_OF_SOURCE,
+    ROLLOUT_METRICS,
     RULE_FILES,
     check_live,
     committed_dashboards,
@@ -59,7 +60,7 @@ ABSENT_ON_HEALTHY_TRAFFIC = frozenset(
         # Each backend is one healthy replica here: no replica fails a call.
         "duoserve_endpoint_failures_total",
     }
-)
+) | ROLLOUT_METRICS  # no rollout and no reload in this stack
 
 
 @dataclass

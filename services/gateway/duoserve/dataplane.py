@@ -266,7 +266,7 @@ class DataPlane:
         if self._draining:
             await asyncio.wait(list(self._draining), timeout=timeout_s)
 
-    async def run_rollouts(self, interval_s: float = 0.5) -> None:
+    async def run_rollouts(self, interval_s: float = 0.1) -> None:
         """Take every rollout's decisions as they fall due (runs for the app's lifetime)."""
         while True:
             for model in self.models.values():

@@ -402,6 +402,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.config_refused = LoopGauge(
+            "duoserve_config_refused",
+            "1 while the models.yaml on disk is refused (the last good one serves on).",
+            [],
+            registry=registry,
+        )
         self.config_info = LoopGauge(
             "duoserve_config_info",
             "1 for the models.yaml this replica serves, by the first 12 hex digits of its SHA-256.",

@@ -55,6 +55,7 @@ class ConfigReloader:
         self._lock = asyncio.Lock()
         if self.current is not None:
             metrics.config_info.labels(self.current).set(1)
+        metrics.config_refused.labels().set(0)
 
     async def check(self, forced: bool = False) -> str:
         """Reload if the file changed (or when ``forced``, as SIGHUP does): "ok", "unchanged"
@@ -65,6 +66,8 @@ class ConfigReloader:
             except OSError as error:
                 return self._refuse(f"cannot read {self.path}: {error.strerror}", None)
             name = digest(content)
+            if name == self.current:
+                self.metrics.config_refused.labels().set(0)  # the bad file was taken back
             if name == self.current or (name == self._refused and not forced):
                 if forced:
                     self.metrics.config_reloads.labels("unchanged").inc()
@@ -84,6 +87,7 @@ class ConfigReloader:
                 self.metrics.config_info.remove(self.current)
             self.current, self._refused = name, None
             self.metrics.config_info.labels(name).set(1)
+            self.metrics.config_refused.labels().set(0)
             self.metrics.config_reloads.labels("ok").inc()
             log.warning(
                 "models.yaml %s loaded: backends kept %s, started %s, closing %s",
@@ -97,6 +101,7 @@ class ConfigReloader:
     def _refuse(self, why: str, name: str | None) -> str:
         self._refused = name
         self.metrics.config_reloads.labels("error").inc()
+        self.metrics.config_refused.labels().set(1)
         log.error("models.yaml not reloaded; the previous configuration keeps serving.\n%s", why)
         return "error"
 

@@ -168,7 +168,7 @@ class RetryBudget:
     """Retries allowed while they stay under ``ratio`` of active requests (at least ``minimum``),
     so a failing backend is not hammered with a multiple of its load."""
 
-    def __init__(self, ratio: float = 0.2, minimum: int = 3) -> None:
+    def __init__(self, ratio: float = 0.2, minimum: int = 10) -> None:
         self.ratio = ratio
         self.minimum = minimum
         self.active = 0

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     """How long an open circuit refuses calls before one probe call is let through."""
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
     """Retries in progress allowed, as a share of the calls in progress."""
-    retry_budget_min: int = Field(default=3, ge=0, le=1000)
-    """Retries in progress always allowed, however few calls are in progress."""
+    retry_budget_min: int = Field(default=10, ge=0, le=1000)
+    """Retries in progress always allowed, however few calls are in progress. Enough for the
+    calls a replica had in flight when it died to be retried on the others at once."""
     log_level: str = "info"
     """uvicorn log level."""

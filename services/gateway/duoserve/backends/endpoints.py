@@ -11,7 +11,7 @@ channel, and every call picks one:
 
 - **Power of two choices over least outstanding requests** (Envoy's LEAST_REQUEST, Finagle's
   P2C): two endpoints at random, the one with fewer calls in flight; and when one of the two
-  is clearly slower (its recent latency over 1.5 times the other's), (calls in flight + 1) x
+  is clearly slower (its recent latency over twice the other's), (calls in flight + 1) x
   latency decides, as Finagle's and Linkerd's EWMA balancers do. Calls in flight alone see a
   slow replica only once calls pile up on it: measured here, a replica made 5x slower still
   got 19 % of the calls of three at concurrency 8, and a full third at concurrency 1. Latency
@@ -73,7 +73,7 @@ LATENCY_FADE_S = 2.0
 # Two replicas' latencies count only when one is this much slower than the other: among
 # replicas alike, calls in flight alone decide (noise in the averages would otherwise tilt the
 # shares of identical replicas).
-SLOWER_BY = 1.5
+SLOWER_BY = 2.0
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
