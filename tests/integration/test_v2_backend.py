@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from duoserve.tensors import Tensor, binary_request
-from tests.conftest import DIGITS_IO, v2_body
+from tests.conftest import DIGITS_IO, v2_body, wait_for
 from tests.servers import Gateway, free_port, http_get
 from tests.v2_servers.digits_numpy import export_weights
 from tests.v2_servers.fixture import MLServerProcess, TritonProcess, WireTap
@@ -417,3 +417,47 @@ async def test_a_server_down_at_start_is_asked_when_it_answers(
         ("v2", False, 200),
         ("infer", True, 200),
     ]
+
+
+async def test_a_replica_back_from_ejection_is_asked_before_it_takes_calls(
+    gateway: Any,
+    taps: dict[str, WireTap],
+    mlserver: MLServerProcess,
+    digits_samples: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Two Triton replicas; one fails and is ejected, and comes back as MLServer: the probe
+    that returns it asks GET /v2 on its fresh connections, so its first call is already JSON
+    (no refused binary call)."""
+    images, _ = digits_samples
+    failing, steady = taps["mlserver"], taps["triton"]  # both relay to Triton at first
+    triton_url = steady.upstream
+    failing.upstream = "http://127.0.0.1:9"  # the discard port: the relay answers 502
+    outlier = {"consecutive_failures": 1, "base_ejection_s": 0.2, "max_ejection_s": 1}
+    backend = {
+        "kind": "v2",
+        "url": steady.url,
+        "endpoints": [failing.address, steady.address],
+        "slow_start_s": 0,
+        "outlier": outlier,
+    }
+    config = _config({"v2": backend}, {"digits": _route("v2")})
+    async with gateway(config) as (client, _):
+        for _attempt in range(40):  # until the balancer picks the failing replica
+            response = await client.post("/v2/models/digits/infer", json=v2_body(images[:1]))
+            if response.status_code != 200:
+                break
+        assert response.status_code == 502, "the failing replica got no call"
+        failing.clear()
+        failing.upstream = mlserver.url
+        await wait_for(lambda: failing.calls("/v2") != [], 10, "the returning replica's GET /v2")
+        for _round in range(10):
+            answers = await _concurrently(client, images, 4)
+            assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+            if failing.calls("/infer"):
+                break
+    # Nothing but the probe called it between the switch and the wait above: the probe asked.
+    wire = [s.path for s in failing.seen if not s.path.startswith("/v2/models/digits/ready")]
+    first_infer = next(i for i, path in enumerate(wire) if path.endswith("/infer"))
+    assert wire[:first_infer][-2:] == ["/v2/health/ready", "/v2"]
+    assert all(not s.binary and s.status == 200 for s in failing.calls("/infer"))
+    assert triton_url == steady.upstream
