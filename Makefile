@@ -17,7 +17,9 @@ help:
 	@echo "make setup   create .venv with the gateway, torch, tensorflow-cpu, TorchServe, test tools"
 	@echo "make models  build the example models into $(STORE)/ (deterministic, incremental)"
 	@echo "make run     setup + models + the gateway on http://$(HOST):$(PORT) (embedded backends)"
-	@echo "make test    setup + models + the whole test suite (starts real TorchServe, Prometheus)"
+	@echo "make test    setup + models + v2-servers + the whole test suite (starts real TorchServe,"
+	@echo "             MLServer, Triton, Prometheus)"
+	@echo "make v2-servers  MLServer and Triton, each in its own venv (.venv-mlserver, .venv-triton)"
 	@echo "make lint    ruff + mypy --strict on the gateway"
 	@echo "make bench   the reference benchmark; writes bench-results/ and prints the table"
 
@@ -37,7 +39,7 @@ models: setup
 run: setup models
 	$(VENV)/bin/duoserve serve --config models.yaml --host $(HOST) --port $(PORT)
 
-test: setup models
+test: setup models v2-servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -151,7 +151,7 @@ def tfserving(model_store: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def v2_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real Open Inference Protocol server on a socket: a DuoServe gateway with `make run`'s
-    models.yaml (the V2 backend kind is tested against it; Triton does not run here)."""
+    models.yaml (MLServer and Triton: tests/integration/test_v2_backend.py)."""
     from tests.servers import Gateway
 
     server = Gateway(REPO / "models.yaml", tmp_path_factory.mktemp("v2-server"))

@@ -141,6 +141,12 @@ class V2BackendConfig(RemoteBackendConfig):
     """Base URL of an Open Inference Protocol server (Triton, MLServer, KServe)."""
     token_env: str | None = None
     """Optional environment variable holding a bearer token for that server."""
+    binary_tensors: Literal["auto", True, False] = "auto"
+    """How tensors travel to and from the server. auto: with the binary tensor extension
+    (raw bytes after a JSON header, both ways) on each replica whose ``GET /v2`` lists
+    ``binary_tensor_data`` (Triton, KServe), as V2 JSON on the others (MLServer); asked when the
+    gateway starts and whenever a replica joins or returns. true: always binary (no ``GET /v2``);
+    false: always JSON (no ``GET /v2``)."""
 
 
 class EmbeddedBackendConfig(_BackendBase):

@@ -3,6 +3,7 @@ that turns a backend's HTTP status into the gateway's error."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ __all__ = [
     "binary_headers",
     "call",
     "http_endpoints",
+    "server_message",
     "status_error",
 ]
 
@@ -96,10 +98,11 @@ async def call(
 
 def status_error(status: int, server: str, what: str, detail: str = "") -> DuoServeError:
     """The gateway's error for a backend's non-200 answer, the table every REST backend shares:
-    400 the client's input, 404 unknown model or version, 413 too large, 429/503 at capacity
-    (not processed: retryable), 408/504 timeout, anything else the backend's own failure.
-    ``detail`` is the backend's sanitised message; backends handle their quirks first."""
-    if status == 400:
+    400/422 the client's input (422: a FastAPI server's validation, e.g. MLServer's), 404
+    unknown model or version, 413 too large, 429/503 at capacity (not processed: retryable),
+    408/504 timeout, anything else the backend's own failure. ``detail`` is the backend's
+    sanitised message (``server_message``); backends handle their quirks first."""
+    if status in (400, 422):
         return BadRequest(detail or f"{server} rejected the input of {what}")
     if status == 404:
         suffix = f": {detail}" if detail else ""
@@ -111,6 +114,32 @@ def status_error(status: int, server: str, what: str, detail: str = "") -> DuoSe
     if status in (408, 504):
         return UpstreamTimeout(f"{server} timed out running {what}")
     return UpstreamError(f"{server} failed running {what} (HTTP {status})")
+
+
+# What a server's error text may carry that a client must never see: URLs, addresses (IPv4,
+# [IPv6], host:port) and absolute paths (a model store, a worker's temp folder).
+_URL = re.compile(r"\b[A-Za-z][\w+.-]*://\S+")
+_ADDRESS = re.compile(
+    r"\[[0-9A-Fa-f:.]+\](?::\d+)?"  # [IPv6]:port
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"  # IPv4[:port]
+    r"|\b(?=[\w.-]*[A-Za-z])[\w-]+(?:\.[\w-]+)*:\d{2,5}\b"  # host:port (not a time, 12:30)
+)
+_PATH = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+[\w.@+-]*")
+# Who raised it, as MLServer prefixes it ("mlserver.errors.InferenceError: ...",
+# "builtins.ValueError: ..."), and Triton's "[request id: <id_unknown>] ": server internals.
+_RAISER = re.compile(r"^(?:\[request id: [^\]]*\]\s*|(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*: )+")
+
+
+def server_message(text: str, limit: int = 300) -> str:
+    """A backend's error text made fit for a client: its first line, without the name of the
+    exception that carried it, with URLs, addresses and absolute paths blanked, at most
+    ``limit`` characters."""
+    lines = text.strip().splitlines()
+    first = _RAISER.sub("", lines[0].strip()) if lines else ""
+    first = _URL.sub("<url>", first)
+    first = _ADDRESS.sub("<address>", first)
+    first = _PATH.sub("<path>", first)
+    return first[:limit]
 
 
 def http_endpoints(
