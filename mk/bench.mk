@@ -5,10 +5,16 @@
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--model resnet" or "--torchserve-batching".
 BENCH_ARGS ?=
 
-.PHONY: bench bench-floor
+.PHONY: bench bench-floor bench-scale-out
 
 bench: setup models
 	$(PY) bench/reference.py --out bench-results --markdown BENCHMARKS.md $(BENCH_ARGS)
+	$(PY) bench/scale_out.py --out bench-results --markdown BENCHMARKS.md
+
+# One gateway in front of 1, 2 and 3 latency-bound backend replicas; and the gateway's CPU per
+# request in front of one backend, HEAD against the revision before replica sets (same run).
+bench-scale-out: setup models
+	$(PY) bench/scale_out.py --out bench-results --markdown BENCHMARKS.md
 
 # DuoServe vs a bare FastAPI + aiohttp proxy, alternated: in front of a backend that costs
 # nothing (each proxy's own CPU), then in front of the same real TorchServe.

@@ -177,15 +177,22 @@ def test_models_configmap_passes_the_gateway_config_check(overlay: str) -> None:
     maps = [d for d in docs if d["kind"] == "ConfigMap" and "models.yaml" in d.get("data", {})]
     assert len(maps) == 1
     configmap = maps[0]
-    # A content-hashed name: a change to models.yaml rolls the gateway.
-    assert re.fullmatch(r"duoserve-models-[a-z0-9]{10}", configmap["metadata"]["name"])
+    # A fixed name: an edit of models.yaml updates the ConfigMap in place and reaches running
+    # gateways as a reload, not a rollout.
+    assert configmap["metadata"]["name"] == "duoserve-models"
     import yaml
 
     config = parse_config(yaml.safe_load(configmap["data"]["models.yaml"]), "ConfigMap")
     gateway = find(docs, "Deployment", "gateway")
     assert gateway is not None
-    mounted = [v["configMap"]["name"] for v in pod_spec(gateway)["volumes"] if "configMap" in v]
-    assert mounted == [configmap["metadata"]["name"]]
+    mounted = [v for v in pod_spec(gateway)["volumes"] if "configMap" in v]
+    assert [v["configMap"]["name"] for v in mounted] == [configmap["metadata"]["name"]]
+    # Mounted as a folder: a subPath mount would never see the kubelet's update.
+    (container,) = [c for c in pod_spec(gateway)["containers"] if c["name"] == "gateway"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == mounted[0]["name"])
+    assert "subPath" not in mount
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["DUOSERVE_CONFIG"] == f"{mount['mountPath']}/models.yaml"
     # Every backend address names a Service and a port it serves.
     service_ports = {
         d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]}
