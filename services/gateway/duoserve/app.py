@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,30 @@ class Dispatch:
         await response(scope, receive, send)
 
 
+def _routed_app(
+    root_path: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None
+) -> tuple[DuoServeApp, RouteTable]:
+    """The app with every front door, and its route table (ValueError for a root path no
+    request could be served below)."""
+    app = DuoServeApp(
+        title="DuoServe",
+        version=__version__,
+        description="One REST front door for PyTorch and TensorFlow models.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    for front_door in FRONT_DOORS:
+        app.include_router(front_door.router)
+    # What every route is, read by keys, drain, dispatch and error bodies: one match a request.
+    return app, RouteTable(app.router.routes, errors=error_json, root_path=root_path)
+
+
+def check_root_path(root_path: str) -> None:
+    """ValueError when ``root_path`` (DUOSERVE_ROOT_PATH) would hide the gateway's own paths."""
+    _routed_app(root_path)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -243,18 +268,7 @@ def create_app(
                 *(backend.close() for backend in backends.values()), return_exceptions=True
             )
 
-    app = DuoServeApp(
-        title="DuoServe",
-        version=__version__,
-        description="One REST front door for PyTorch and TensorFlow models.",
-        lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
-    )
-    for front_door in FRONT_DOORS:
-        app.include_router(front_door.router)
-    # What every route is, read by keys, drain, dispatch and error bodies: one match a request.
-    routes = RouteTable(app.router.routes, errors=error_json)
+    app, routes = _routed_app(settings.root_path, lifespan)
     guard = ConnectionGuard.from_settings(settings, metrics, routes.error_body)
     app.state.settings = settings
     app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes, routes)

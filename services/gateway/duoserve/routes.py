@@ -86,6 +86,8 @@ class RouteMatch:
     params: dict[str, str]
     model: str | None
     """The model the path names (the declared path parameter), if any."""
+    route: Route | None = None
+    """The route FastAPI picks for the request (its method may not match: 405); None: 404."""
     endpoint: Handler | None = None
     """Set when the fast dispatch serves this request: a fast route, and its method."""
 
@@ -164,6 +166,7 @@ def _first_segment(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    route: Route
     match: Callable[[str], re.Match[str] | None]  # the route's compiled path regex
     methods: frozenset[str] | None  # None: any method
     info: RouteInfo
@@ -172,7 +175,9 @@ class _Entry:
     def matched(self, path: str, params: dict[str, str], full: bool) -> RouteMatch:
         model_param = self.info.model_param
         model = params.get(model_param) if model_param is not None else None
-        return RouteMatch(self.info, path, params, model, self.endpoint if full else None)
+        return RouteMatch(
+            self.info, path, params, model, self.route, self.endpoint if full else None
+        )
 
 
 class RouteTable:
@@ -188,8 +193,10 @@ class RouteTable:
     def __init__(self, routes: Iterable[Any], *, errors: ErrorBody, root_path: str = "") -> None:
         self.root_path = root_path
         self.default = RouteInfo(Kind.OTHER, errors)
+        self.routes: list[Route] = list(_flatten(routes))
+        """Every route, in matching order."""
         entries: list[tuple[str | None, _Entry]] = []  # (first segment, None when a parameter)
-        for route in _flatten(routes):
+        for route in self.routes:
             info = _DECLARED.get(route.endpoint)
             if info is None:
                 info = RouteInfo(Kind.OTHER, errors, fast=route.endpoint in FAST_ENDPOINTS)
@@ -200,7 +207,8 @@ class RouteTable:
                 segment = None
             methods = frozenset(route.methods) if route.methods else None
             endpoint = route.endpoint if info.fast else None
-            entries.append((segment, _Entry(route.path_regex.match, methods, info, endpoint)))
+            entry = _Entry(route, route.path_regex.match, methods, info, endpoint)
+            entries.append((segment, entry))
         # Matching stays cheap on the fast path: a path is tried only against the routes that
         # can match its first segment (that literal segment, or a parameter there), and first
         # against those of its method, all in the original order.
@@ -220,9 +228,10 @@ class RouteTable:
             if len(shapes) == 1:
                 self._unmatched[segment] = RouteInfo(Kind.OTHER, shapes.pop())
         if root_path and _first_segment(root_path) in self._by_segment:
+            # Requests may come with the prefix or without it: /v2 would hide every /v2 route.
             raise ValueError(
-                f"root path {root_path}: its first segment is one of the gateway's own paths; "
-                "choose a prefix no route starts with"
+                f"root path {root_path}: /{_first_segment(root_path)} is one of the gateway's own "
+                "paths; choose a prefix that no route of the gateway starts with"
             )
 
     def match(self, method: str | None, path: str) -> RouteMatch:
