@@ -125,6 +125,8 @@ class FrontDoor:
         plain strings); ``draining``: the JSON a readiness route answers (503) while draining."""
 
         def declare(endpoint: Endpoint) -> Endpoint:
+            if endpoint in _DECLARED:  # what a route is, is looked up by its endpoint
+                raise ValueError(f"{path}: {endpoint.__name__} already serves another route")
             self.router.add_api_route(path, endpoint, methods=methods, **options)
             route = self.router.routes[-1]
             assert isinstance(route, APIRoute)
@@ -132,8 +134,6 @@ class FrontDoor:
                 raise ValueError(f"{path}: no path parameter '{model}' names the model")
             if fast:
                 _check_fast(route)
-            if endpoint in _DECLARED:
-                raise ValueError(f"{path}: {endpoint.__name__} already serves another route")
             _DECLARED[endpoint] = RouteInfo(
                 kind=kind,
                 errors=self.errors,
