@@ -238,12 +238,22 @@ class RouteTable:
         """The route of ``method`` (None: any) on ``path`` (below the root path), as FastAPI's
         router picks it: the first route whose path and method match, else the first whose path
         matches (FastAPI answers 405 there), else none (404)."""
-        segment = _first_segment(path)
+        parts = path.split("/", 2)  # _first_segment, inlined: this runs on every request
+        segment = parts[1] if len(parts) > 1 else ""
         if method is not None:  # the common case, kept short: a route of the request's method
             for entry in self._by_method.get((method, segment), ()):
                 found = entry.match(path)
                 if found is not None:
-                    return entry.matched(path, found.groupdict(), True)
+                    params = found.groupdict()
+                    model = entry.info.model_param
+                    return RouteMatch(
+                        entry.info,
+                        path,
+                        params,
+                        params.get(model) if model is not None else None,
+                        entry.route,
+                        entry.endpoint,
+                    )
         partial: tuple[_Entry, dict[str, str]] | None = None
         for entry in self._by_segment.get(segment, self._wild):
             found = entry.match(path)
@@ -262,8 +272,9 @@ class RouteTable:
         """The request's match, made on its first call and kept in the scope for the others."""
         found: RouteMatch | None = scope.get(SCOPE_KEY)
         if found is None:
-            found = self.match(scope["method"], self.below_root(scope))
-            scope[SCOPE_KEY] = found
+            root = self.root_path or scope.get("root_path")
+            path = self.below_root(scope) if root else scope["path"]
+            found = scope[SCOPE_KEY] = self.match(scope["method"], path)
         return found
 
     def below_root(self, scope: Scope) -> str:
