@@ -18,7 +18,9 @@ its path below that prefix, whether the proxy in front stripped the prefix or fo
 as is: ``/ml/v2/models/m/infer`` and ``/v2/models/m/infer`` are the same route. The scope is then
 normalised the way uvicorn and Starlette expect (``root_path`` the prefix, ``path`` the prefix
 plus the path below it), so FastAPI routes the same path and serves /docs and /openapi.json
-below the prefix. ``DUOSERVE_ROOT_PATH`` replaces any root path the server passes.
+below the prefix. ``DUOSERVE_ROOT_PATH`` replaces any root path the server passes. (uvicorn
+given ``--root-path`` itself puts the prefix before every path it received, so behind it the
+proxy must strip the prefix; ``duoserve serve --root-path`` sets DUOSERVE_ROOT_PATH instead.)
 """
 
 from __future__ import annotations
