@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import re
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRouter
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,21 +31,35 @@ from duoserve.dataplane import DataPlane, register_routes
 from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
 from duoserve.frontends import tfserving, torchserve, v2
-from duoserve.frontends.http import (
-    FAST_ENDPOINTS,
-    JSON,
-    Gateway,
-    error_json,
-    torchserve_error_json,
-)
+from duoserve.frontends.http import JSON, Gateway, error_json, gateway_of
 from duoserve.metrics import Metrics
 from duoserve.reloader import ConfigReloader
 from duoserve.resilience import CancelOnDisconnect, RetryBudget
+from duoserve.routes import FrontDoor, Handler, Kind, RouteTable
 from duoserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TORCHSERVE_PATHS = ("/predictions", "/ping")
+door = FrontDoor("DuoServe", errors=error_json)
+"""The gateway's own routes, in front of the protocols' front doors."""
+
+
+@door.get("/metrics", Kind.METRICS, include_in_schema=False)
+async def metrics_endpoint(request: Request) -> Response:
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(
+        encoder(gateway_of(request).metrics.registry), headers={"content-type": content_type}
+    )
+
+
+FRONT_DOORS = (door, v2.door, tfserving.door, torchserve.door)
+"""Included in this order, which is also FastAPI's matching order."""
+
+
+@functools.cache
+def front_door_routes() -> RouteTable:
+    """The front doors' routes, without an app (for callers holding only a path)."""
+    return RouteTable((r for d in FRONT_DOORS for r in d.router.routes), errors=error_json)
 
 
 def build_backends(
@@ -126,15 +141,9 @@ def _reload_on_hangup(
     return undo
 
 
-def render_error(path: str, error: DuoServeError) -> bytes:
-    """The error body in the protocol of ``path``: TorchServe's shape on its paths."""
-    render = torchserve_error_json if path.startswith(TORCHSERVE_PATHS) else error_json
-    return render(error)
-
-
-def _error_response(request: Request, error: DuoServeError) -> Response:
+def _error_response(routes: RouteTable, request: Request, error: DuoServeError) -> Response:
     return Response(
-        render_error(request.url.path, error),
+        routes.error_body(request.scope, error),
         status_code=error.status,
         headers=error.headers,
         media_type=JSON,
@@ -159,60 +168,79 @@ class DuoServeApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-Handler = Callable[..., Awaitable[Response]]
-
-
 class Dispatch:
-    """The inference POSTs (endpoints marked ``fast_path``) run without FastAPI's router,
-    dependency solving and exception middleware: same endpoint, same path parameters, same
-    error bodies, at well under half the CPU per request. Anything else goes to FastAPI.
+    """The routes declared ``fast`` (inference POSTs) run without FastAPI's router, dependency
+    solving and exception middleware: same endpoint, same path parameters, same error bodies,
+    at well under half the CPU per request. Anything else goes to FastAPI.
 
-    ``routers`` are the included routers, in the order they were included (FastAPI's own
-    matching order after the app's routes). A path takes the fast path only when the first
-    POST route in that order that matches it is a marked one, so the two can never disagree
-    about which endpoint serves a request."""
+    The request's match is the route table's (``RouteTable.resolve``), made once for the whole
+    chain in FastAPI's own order: a request takes the fast path only when the first route
+    whose path and method match it is a fast one, so the two can never disagree about which
+    endpoint serves it. ``routes`` may also be a list of routers, looked at after the app's
+    own routes, in that order."""
 
-    def __init__(self, app: DuoServeApp, routers: list[APIRouter]) -> None:
+    def __init__(self, app: DuoServeApp, routes: RouteTable | list[APIRouter]) -> None:
         self.app = app
-        self.posts: list[tuple[re.Pattern[str], Handler | None]] = []
-        for route in [*app.router.routes, *(r for router in routers for r in router.routes)]:
-            if isinstance(route, APIRoute) and "POST" in (route.methods or ()):
-                fast = route.endpoint in FAST_ENDPOINTS
-                if fast and any(c.regex != "[^/]+" for c in route.param_convertors.values()):
-                    raise ValueError(f"{route.path}: fast-path parameters must be plain strings")
-                self.posts.append((route.path_regex, route.endpoint if fast else None))
+        if not isinstance(routes, RouteTable):
+            routers = routes
+            routes = RouteTable(
+                [*app.router.routes, *(r for router in routers for r in router.routes)],
+                errors=error_json,
+            )
+        self.routes = routes
 
-    def match(self, path: str) -> tuple[Handler, dict[str, Any]] | None:
-        for regex, endpoint in self.posts:
-            found = regex.match(path)
-            if found is not None:
-                return (endpoint, found.groupdict()) if endpoint is not None else None
-        return None
+    def match(self, path: str) -> tuple[Handler, dict[str, str]] | None:
+        """The endpoint and path parameters that serve a POST on ``path`` (below the root
+        path) on the fast path; None when FastAPI serves it."""
+        found = self.routes.match("POST", path)
+        return None if found.endpoint is None else (found.endpoint, found.params)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        root = scope.get("root_path")
-        if root and path.startswith(root):  # as Starlette matches: below the root path
-            path = path[len(root) :]
-        found = self.match(path) if scope["method"] == "POST" else None
-        if found is None:
+        found = self.routes.resolve(scope)
+        endpoint = found.endpoint
+        if endpoint is None:
             await self.app.fastapi(scope, receive, send)
             return
-        endpoint, params = found
         scope["app"] = self.app
         request = Request(scope, receive)
         try:
-            response = await endpoint(request, **params)
+            response = await endpoint(request, **found.params)
         except ClientDisconnect:
             return  # the client left while sending its body: nobody reads an answer
         except DuoServeError as error:
-            response = _error_response(request, error)
+            response = _error_response(self.routes, request, error)
         except Exception:
-            log.exception("unhandled error on POST %s", scope["path"][:200])
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"][:200])
             response = _error_response(
-                request, DuoServeError("internal error; the gateway logged the details")
+                self.routes,
+                request,
+                DuoServeError("internal error; the gateway logged the details"),
             )
         await response(scope, receive, send)
+
+
+def _routed_app(
+    root_path: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None
+) -> tuple[DuoServeApp, RouteTable]:
+    """The app with every front door, and its route table (ValueError for a root path no
+    request could be served below)."""
+    app = DuoServeApp(
+        title="DuoServe",
+        version=__version__,
+        description="One REST front door for PyTorch and TensorFlow models.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    for front_door in FRONT_DOORS:
+        app.include_router(front_door.router)
+    # What every route is, read by keys, drain, dispatch and error bodies: one match a request.
+    return app, RouteTable(app.router.routes, errors=error_json, root_path=root_path)
+
+
+def check_root_path(root_path: str) -> None:
+    """ValueError when ``root_path`` (DUOSERVE_ROOT_PATH) would hide the gateway's own paths."""
+    _routed_app(root_path)
 
 
 def create_app(
@@ -247,7 +275,6 @@ def create_app(
     keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
     drain = Drain(settings.drain_delay_s)
 
-    guard = ConnectionGuard.from_settings(settings, metrics, render_error)
     reloader = ConfigReloader(
         config_path,
         dataplane,
@@ -289,16 +316,10 @@ def create_app(
                 return_exceptions=True,
             )
 
-    app = DuoServeApp(
-        title="DuoServe",
-        version=__version__,
-        description="One REST front door for PyTorch and TensorFlow models.",
-        lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
-    )
+    app, routes = _routed_app(settings.root_path, lifespan)
+    guard = ConnectionGuard.from_settings(settings, metrics, routes.error_body)
     app.state.settings = settings
-    app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes)
+    app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes, routes)
     app.state.drain = drain
 
     @app.exception_handler(ClientDisconnect)
@@ -308,7 +329,7 @@ def create_app(
 
     @app.exception_handler(DuoServeError)
     async def on_duoserve_error(request: Request, error: DuoServeError) -> Response:
-        return _error_response(request, error)
+        return _error_response(routes, request, error)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -317,7 +338,7 @@ def create_app(
             detail = f"no such endpoint: {request.method} {request.url.path[:200]}"
         wrapped = DuoServeError(detail, headers=dict(error.headers or {}))
         wrapped.status = error.status_code
-        return _error_response(request, wrapped)
+        return _error_response(routes, request, wrapped)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -325,26 +346,19 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()))
         wrapped = DuoServeError(f"invalid request: {where}: {first.get('msg', 'invalid')}")
         wrapped.status = 400
-        return _error_response(request, wrapped)
+        return _error_response(routes, request, wrapped)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         wrapped = DuoServeError("internal error; the gateway logged the details")
-        return _error_response(request, wrapped)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(encoder(registry), headers={"content-type": content_type})
-
-    routers = [v2.router, tfserving.router, torchserve.router]
-    for router in routers:
-        app.include_router(router)
+        return _error_response(routes, request, wrapped)
 
     # DuoServe's pure ASGI chain in front of every HTTP request: keys, then drain, then
     # disconnects, then dispatch (fast inference path or FastAPI).
-    entry: ASGIApp = DrainMiddleware(CancelOnDisconnect(Dispatch(app, routers)), drain=drain)
+    entry: ASGIApp = DrainMiddleware(
+        CancelOnDisconnect(Dispatch(app, routes)), drain=drain, routes=routes
+    )
     if keys is not None:
         known_models = set(config.models)
 
@@ -354,7 +368,7 @@ def create_app(
         entry = APIKeyMiddleware(
             entry,
             keys=keys,
-            render=render_error,
+            routes=routes,
             open_health=settings.open_health,
             open_metrics=settings.open_metrics,
             on_rate_limited=rate_limited,

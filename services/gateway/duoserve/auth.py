@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from duoserve.errors import DuoServeError, Forbidden, TooManyRequests, Unauthorized
+from duoserve.routes import Kind, RouteTable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -187,26 +188,16 @@ def parse_keys_file(path: str | Path) -> list[KeyEntry]:
 
 
 # -- which paths need what -------------------------------------------------------------------
-
-HEALTH, METRICS, INFER, ADMIN, OTHER = "health", "metrics", "infer", "admin", "other"
+# Each route declares what it is (duoserve.routes.Kind) where its front door defines it.
 
 
 def classify(path: str) -> tuple[str, str | None]:
-    """(what the path is, the model it names). Uses the same decoded path the router matches."""
-    if path == "/ping" or path.startswith("/v2/health/"):
-        return HEALTH, None
-    if path == "/metrics":
-        return METRICS, None
-    parts = path.split("/", 4)  # ['', 'v2', 'models', '<m>', 'rest']
-    if len(parts) >= 4 and parts[2] == "models":
-        if parts[1] == "v2":
-            kind = ADMIN if len(parts) == 5 and parts[4] == "compare" else INFER
-            return kind, parts[3]
-        if parts[1] == "v1":
-            return INFER, parts[3].split(":", 1)[0]  # /v1/models/digits:predict
-    if len(parts) >= 3 and parts[1] in ("predictions", "explanations"):
-        return INFER, parts[2]
-    return OTHER, None
+    """(what the path is, the model it names), as the front doors declare their routes; for
+    callers holding only a path below the root path. Requests are matched in the middleware."""
+    from duoserve.app import front_door_routes  # the app imports this module
+
+    found = front_door_routes().match(None, path)
+    return found.info.kind, found.model
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -224,7 +215,8 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
 class APIKeyMiddleware:
     """401 / 403 / 429 before any route runs; everything else passes straight through.
 
-    ``render(path, error)`` gives the error body in the protocol of the path;
+    What a request needs is what its route declares (``routes``: the request's match, below
+    the root path); refusals come in that route's front door's error shape.
     ``on_rate_limited(model)`` counts a refusal.
     """
 
@@ -233,14 +225,14 @@ class APIKeyMiddleware:
         app: ASGIApp,
         keys: KeyRing,
         *,
-        render: Callable[[str, DuoServeError], bytes],
+        routes: RouteTable,
         open_health: bool = True,
         open_metrics: bool = True,
         on_rate_limited: Callable[[str | None], None] | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
-        self.render = render
+        self.routes = routes
         self.open_health = open_health
         self.open_metrics = open_metrics
         self.on_rate_limited = on_rate_limited
@@ -249,18 +241,20 @@ class APIKeyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        kind, model = classify(path)
-        if (kind == HEALTH and self.open_health) or (kind == METRICS and self.open_metrics):
+        found = self.routes.resolve(scope)
+        kind = found.info.kind
+        if (kind is Kind.HEALTH and self.open_health) or (
+            kind is Kind.METRICS and self.open_metrics
+        ):
             await self.app(scope, receive, send)
             return
-        error = self._check(scope, kind, model)
+        error = self._check(scope, kind, found.model)
         if error is not None:
-            await self._reject(send, path, error)
+            await self._reject(send, found.info.errors(error), error)
             return
         await self.app(scope, receive, send)
 
-    def _check(self, scope: Scope, kind: str, model: str | None) -> DuoServeError | None:
+    def _check(self, scope: Scope, kind: Kind, model: str | None) -> DuoServeError | None:
         presented = presented_key(scope["headers"])
         if presented is None:
             return Unauthorized(
@@ -269,9 +263,9 @@ class APIKeyMiddleware:
         key = self.keys.find(presented) if len(presented) <= MAX_KEY_LENGTH else None
         if key is None:
             return Unauthorized("the API key is not valid")
-        if kind == ADMIN and "admin" not in key.scopes:
+        if kind is Kind.ADMIN and "admin" not in key.scopes:
             return Forbidden("this endpoint needs an API key with the 'admin' scope")
-        if kind == INFER and not key.scopes & {"infer", "admin"}:
+        if kind is Kind.INFER and not key.scopes & {"infer", "admin"}:
             return Forbidden("this API key has no 'infer' scope")
         if model is not None and not key.may_use(model):
             return Forbidden(f"this API key may not use model '{model[:128]}'")
@@ -288,8 +282,7 @@ class APIKeyMiddleware:
         scope.setdefault("state", {})["api_key"] = key.name
         return None
 
-    async def _reject(self, send: Send, path: str, error: DuoServeError) -> None:
-        body = self.render(path, error)
+    async def _reject(self, send: Send, body: bytes, error: DuoServeError) -> None:
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

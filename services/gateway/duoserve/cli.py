@@ -21,16 +21,19 @@ def _serve(args: argparse.Namespace) -> int:
         "DUOSERVE_HOST": args.host,
         "DUOSERVE_PORT": None if args.port is None else str(args.port),
         "DUOSERVE_WORKERS": None if args.workers is None else str(args.workers),
+        "DUOSERVE_ROOT_PATH": args.root_path,
     }
     for key, value in overrides.items():
         if value is not None:
             os.environ[key] = value  # workers (separate processes) read settings from env
+    from duoserve.app import check_root_path
     from duoserve.settings import Settings
 
-    settings = Settings()
     try:
+        settings = Settings()
+        check_root_path(settings.root_path)
         load_config(settings.config)  # fail fast, before any worker starts
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:  # pydantic's ValidationError is a ValueError
         print(error, file=sys.stderr)
         return 2
     if settings.api_keys_file:
@@ -202,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (env DUOSERVE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (env DUOSERVE_PORT, default 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (env DUOSERVE_WORKERS)")
+    serve.add_argument(
+        "--root-path",
+        help="URL path prefix the gateway is served below, e.g. /ml behind an ingress path; "
+        "the proxy may strip it or not (env DUOSERVE_ROOT_PATH)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=_serve)
 

@@ -34,8 +34,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from starlette.types import Scope
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -62,8 +63,8 @@ class ConnectionGuard:
     max_head_bytes: int
     max_connections: int
     metrics: Metrics
-    render: Callable[[str, DuoServeError], bytes]
-    """The error body for a request path (the front door's own shape)."""
+    render: Callable[[Scope | None, DuoServeError], bytes]
+    """The error body for a request (its front door's shape; the default with no request)."""
     open_connections: Any = field(init=False, default=None)
     """The duoserve_client_connections gauge."""
 
@@ -72,7 +73,10 @@ class ConnectionGuard:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, metrics: Metrics, render: Callable[[str, DuoServeError], bytes]
+        cls,
+        settings: Settings,
+        metrics: Metrics,
+        render: Callable[[Scope | None, DuoServeError], bytes],
     ) -> ConnectionGuard:
         return cls(
             header_timeout_s=settings.client_header_timeout_s,
@@ -118,7 +122,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.connections) > guard.max_connections:
             guard.metrics.rejected_connections.labels("connection_limit").inc()
             error = Overloaded("the gateway has too many open connections; retry shortly")
-            self._answer_and_close(error, guard.render("", error))
+            self._answer_and_close(error, guard.render(None, error))
             return
         guard.open_connections.inc()
         self._counted = True
@@ -216,7 +220,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 error = RequestTimeout(
                     f"the request head did not arrive within {guard.header_timeout_s:g} s"
                 )
-                self._answer_and_close(error, guard.render("", error))
+                self._answer_and_close(error, guard.render(None, error))
             else:
                 self.transport.close()  # not a byte came: there is no request to answer
             return
@@ -245,7 +249,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         error = RequestTimeout(f"the request body did not arrive {limit}")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
         error.headers = {"x-request-id": request_id(headers)}
-        self._answer_and_close(error, guard.render(self.scope["path"], error))
+        # uvicorn types the scope as a TypedDict; it is the dict the app got (and matched).
+        self._answer_and_close(error, guard.render(cast(Scope, self.scope), error))
 
     def _earlier_answer_pending(self) -> bool:
         """A pipelined request's head or body is late while an earlier one is still answered:
@@ -263,7 +268,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         error = HeadersTooLarge(f"the request head is larger than {guard.max_head_bytes} bytes")
-        self._answer_and_close(error, guard.render("", error))
+        self._answer_and_close(error, guard.render(None, error))
 
     def _answer_and_close(self, error: DuoServeError, body: bytes) -> None:
         self._awaiting = _NOTHING

@@ -5,7 +5,8 @@ lets requests in progress finish (``timeout_graceful_shutdown``) and exits; read
 503 first, so a load balancer keeps sending new connections until they are refused. DuoServe adds
 a drain delay in front of that:
 
-1. SIGTERM: readiness (``/v2/health/ready``, ``/ping``) answers 503 at once, every response says
+1. SIGTERM: readiness (the routes declared with a ``draining`` body: ``/v2/health/ready``,
+   ``/ping``, below the root path) answers 503 at once, every response says
    ``Connection: close`` (keep-alive clients reconnect, to another replica once the balancer has
    seen the 503); requests are still accepted and served.
 2. After ``drain_delay_s``: uvicorn's own shutdown starts: listener closed, in-flight requests
@@ -25,13 +26,10 @@ from collections.abc import Callable, MutableMapping
 from types import FrameType
 from typing import Any
 
-import orjson
-
 from duoserve.auth import ASGIApp, Receive, Scope, Send
+from duoserve.routes import RouteTable
 
 log = logging.getLogger(__name__)
-
-READINESS_PATHS = ("/v2/health/ready", "/ping")
 
 
 class Drain:
@@ -48,24 +46,21 @@ class Drain:
 
 
 class DrainMiddleware:
-    """While draining: readiness answers 503, and every response closes its connection."""
+    """While draining: readiness answers 503, and every response closes its connection.
+    Readiness is what the request's route declares (``routes``)."""
 
-    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+    def __init__(self, app: ASGIApp, drain: Drain, routes: RouteTable) -> None:
         self.app = app
         self.drain = drain
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         drain = self.drain
-        if drain.draining and scope["path"] in READINESS_PATHS:
-            path = scope["path"]
-            body = orjson.dumps(
-                {"status": "Unhealthy", "draining": True}
-                if path == "/ping"
-                else {"ready": False, "draining": True}
-            )
+        body = self.routes.resolve(scope).info.draining if drain.draining else None
+        if body is not None:
             await send(
                 {
                     "type": "http.response.start",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,13 @@ class Settings(BaseSettings):
     """Address to listen on."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port to listen on."""
+    root_path: str = ""
+    """URL path prefix the gateway is served below, e.g. ``/ml`` behind an ingress path; empty
+    for none. Requests are served with the prefix (a proxy that forwards the path as is) and
+    without it (a proxy that strips it, probes calling the pod directly); API keys, drain and
+    error shapes apply to the path below it, and /docs and /openapi.json are served below it.
+    It replaces any root path the ASGI server passes (``uvicorn --root-path``). Its first
+    segment must not be one of the gateway's own (v1, v2, predictions, ping, metrics, docs)."""
     workers: int = Field(default=1, ge=1, le=64)
     """uvicorn worker processes."""
     server_name: str = "duoserve"
@@ -70,3 +77,21 @@ class Settings(BaseSettings):
     calls a replica had in flight when it died to be retried on the others at once."""
     log_level: str = "info"
     """uvicorn log level."""
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        value = value.rstrip("/")  # "/" alone means no prefix
+        if value and not (
+            value.startswith("/")
+            and value.isascii()
+            and value.isprintable()
+            and " " not in value
+            and "//" not in value
+            and not any(c in value for c in "?#%")
+        ):
+            raise ValueError(
+                "must be a URL path such as /ml: starting with '/', printable ASCII, without "
+                "spaces, '//', '?', '#' or '%'"
+            )
+        return value

@@ -9,7 +9,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +24,10 @@ from duoserve.errors import (
     UnsupportedMediaType,
 )
 from duoserve.metrics import Metrics
+from duoserve.routes import FAST_ENDPOINTS
+
+if TYPE_CHECKING:
+    from duoserve.routes import RouteTable
 
 JSON = "application/json"
 # TF Serving and TorchServe read any body as JSON; curl -d sends form-urlencoded. Their front
@@ -37,15 +41,15 @@ LENIENT_JSON = (
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
-# Inference endpoints the gateway dispatches itself, without FastAPI's router (app.Dispatch).
-FAST_ENDPOINTS: set[Callable[..., Awaitable[Response]]] = set()
 
 
 def fast_path(endpoint: Endpoint) -> Endpoint:
     """Mark an inference endpoint ``async def (request, **path_params) -> Response`` for the
     gateway's own dispatch: FastAPI's router and dependency solving cost more than the rest of
     an inference request (measured: ~235 vs ~90 us in process). The route stays declared on
-    FastAPI too, for the OpenAPI schema; its path parameters must all be plain strings."""
+    FastAPI too, for the OpenAPI schema; its path parameters must all be plain strings.
+    Front doors declare this on their routes instead (``FrontDoor.route(..., fast=True)``);
+    this marks an endpoint of a plain APIRouter."""
     FAST_ENDPOINTS.add(endpoint)
     return endpoint
 
@@ -57,6 +61,8 @@ class Gateway:
     dataplane: DataPlane
     metrics: Metrics
     max_body_bytes: int
+    routes: RouteTable
+    """What each route is; a request's match gives its front door's error shape."""
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -181,14 +187,13 @@ async def serve_inference(
         [Gateway, bytes, CallContext, Mapping[str, str]],
         Awaitable[tuple[Served, bytes, dict[str, str]]],
     ],
-    render_error: Callable[[DuoServeError], bytes] = error_json,
     accepted_types: tuple[str, ...] = (JSON,),
 ) -> Response:
     """The one inference path of every front door.
 
     ``handle(gateway, body, context, headers)`` decodes the body, calls the data plane and
     encodes the answer; this wraps it with
-    body limits, metrics, response headers and the protocol's error body.
+    body limits, metrics, response headers and the error body its front door declared.
     """
     gateway = gateway_of(request)
     metrics = gateway.metrics
@@ -210,7 +215,7 @@ async def serve_inference(
         status = error.status
         if error.route is not None:
             framework, backend = error.route.framework, error.route.backend_name
-        payload = render_error(error)
+        payload = gateway.routes.resolve(request.scope).info.errors(error)
         headers = {"x-request-id": rid, **error.headers}
         response = Response(payload, status_code=status, headers=headers, media_type=JSON)
     else:

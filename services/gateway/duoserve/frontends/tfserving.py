@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,12 +25,13 @@ from duoserve.errors import BadRequest, NotFound
 from duoserve.frontends.http import (
     LENIENT_JSON,
     Gateway,
-    fast_path,
+    error_json,
     gateway_of,
     json_response,
     serve_inference,
 )
 from duoserve.router import ModelRouter
+from duoserve.routes import FrontDoor, Kind
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, array_from_json
 
 PROTOCOL = "tfserving"
@@ -204,7 +204,8 @@ def declared_version(model: ModelRouter, label: str) -> str:
 
 # -- routes -----------------------------------------------------------------------------
 
-router = APIRouter(tags=["TensorFlow Serving REST"])
+door = FrontDoor("TensorFlow Serving REST", errors=error_json)
+router = door.router
 
 
 async def _predict(
@@ -226,20 +227,35 @@ async def _predict(
     return await serve_inference(request, PROTOCOL, model, handle, accepted_types=LENIENT_JSON)
 
 
-@router.post("/v1/models/{model}:predict", summary="Predict (TF Serving REST)")
-@fast_path
+@door.post(
+    "/v1/models/{model}:predict",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Predict (TF Serving REST)",
+)
 async def predict(request: Request, model: str) -> Response:
     return await _predict(request, model, None, None)
 
 
-@router.post("/v1/models/{model}/versions/{version}:predict", summary="Predict on a version")
-@fast_path
+@door.post(
+    "/v1/models/{model}/versions/{version}:predict",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Predict on a version",
+)
 async def predict_version(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, version, None)
 
 
-@router.post("/v1/models/{model}/labels/{label}:predict", summary="Predict on a version label")
-@fast_path
+@door.post(
+    "/v1/models/{model}/labels/{label}:predict",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Predict on a version label",
+)
 async def predict_label(request: Request, model: str, label: str) -> Response:
     return await _predict(request, model, None, label)
 
@@ -250,12 +266,12 @@ def _unsupported(model: str, verb: str) -> Response:
     )
 
 
-@router.post("/v1/models/{model}:classify", include_in_schema=False)
+@door.post("/v1/models/{model}:classify", Kind.INFER, model="model", include_in_schema=False)
 async def classify(model: str) -> Response:
     return _unsupported(model, "classify")
 
 
-@router.post("/v1/models/{model}:regress", include_in_schema=False)
+@door.post("/v1/models/{model}:regress", Kind.INFER, model="model", include_in_schema=False)
 async def regress(model: str) -> Response:
     return _unsupported(model, "regress")
 
@@ -316,31 +332,53 @@ async def _metadata(
     )
 
 
-@router.get("/v1/models/{model}", summary="Model status (TF Serving REST)")
+@door.get("/v1/models/{model}", Kind.INFER, model="model", summary="Model status (TF Serving REST)")
 async def status(request: Request, model: str) -> Response:
     return await _status(request, model, None, None)
 
 
-@router.get("/v1/models/{model}/versions/{version}", summary="Model version status")
+@door.get(
+    "/v1/models/{model}/versions/{version}",
+    Kind.INFER,
+    model="model",
+    summary="Model version status",
+)
 async def status_version(request: Request, model: str, version: str) -> Response:
     return await _status(request, model, version, None)
 
 
-@router.get("/v1/models/{model}/labels/{label}", summary="Model label status")
+@door.get(
+    "/v1/models/{model}/labels/{label}", Kind.INFER, model="model", summary="Model label status"
+)
 async def status_label(request: Request, model: str, label: str) -> Response:
     return await _status(request, model, None, label)
 
 
-@router.get("/v1/models/{model}/metadata", summary="Model metadata (TF Serving REST)")
+@door.get(
+    "/v1/models/{model}/metadata",
+    Kind.INFER,
+    model="model",
+    summary="Model metadata (TF Serving REST)",
+)
 async def metadata(request: Request, model: str) -> Response:
     return await _metadata(request, model, None, None)
 
 
-@router.get("/v1/models/{model}/versions/{version}/metadata", summary="Version metadata")
+@door.get(
+    "/v1/models/{model}/versions/{version}/metadata",
+    Kind.INFER,
+    model="model",
+    summary="Version metadata",
+)
 async def metadata_version(request: Request, model: str, version: str) -> Response:
     return await _metadata(request, model, version, None)
 
 
-@router.get("/v1/models/{model}/labels/{label}/metadata", summary="Label metadata")
+@door.get(
+    "/v1/models/{model}/labels/{label}/metadata",
+    Kind.INFER,
+    model="model",
+    summary="Label metadata",
+)
 async def metadata_label(request: Request, model: str, label: str) -> Response:
     return await _metadata(request, model, None, label)

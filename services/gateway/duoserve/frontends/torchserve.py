@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import orjson
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,13 +26,13 @@ from duoserve.errors import BadRequest
 from duoserve.frontends.http import (
     LENIENT_JSON,
     Gateway,
-    fast_path,
     gateway_of,
     json_response,
     serve_inference,
     torchserve_error_json,
 )
 from duoserve.frontends.v2 import decode_v2_request
+from duoserve.routes import FrontDoor, Kind
 from duoserve.tensors import (
     InferenceRequest,
     InferenceResponse,
@@ -97,7 +96,8 @@ def encode_predictions(response: InferenceResponse, form: str, model_name: str) 
     return orjson.dumps({t.name: t.data for t in response.outputs}, option=option)
 
 
-router = APIRouter(tags=["TorchServe inference API"])
+door = FrontDoor("TorchServe inference API", errors=torchserve_error_json)
+router = door.router
 
 
 async def _predict(request: Request, model: str, version: str | None) -> Response:
@@ -110,24 +110,38 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
         payload = encode_predictions(served.response, form, model)
         return served, payload, {"content-type": "application/json"}
 
-    return await serve_inference(
-        request, PROTOCOL, model, handle, torchserve_error_json, accepted_types=LENIENT_JSON
-    )
+    return await serve_inference(request, PROTOCOL, model, handle, accepted_types=LENIENT_JSON)
 
 
-@router.post("/predictions/{model}", summary="Predict (TorchServe inference API)")
-@fast_path
+@door.post(
+    "/predictions/{model}",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Predict (TorchServe inference API)",
+)
 async def predictions(request: Request, model: str) -> Response:
     return await _predict(request, model, None)
 
 
-@router.post("/predictions/{model}/{version}", summary="Predict on a version")
-@fast_path
+@door.post(
+    "/predictions/{model}/{version}",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Predict on a version",
+)
 async def predictions_version(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, version)
 
 
-@router.api_route("/ping", methods=["GET", "HEAD"], summary="Health (TorchServe inference API)")
+@door.route(
+    "/ping",
+    Kind.HEALTH,
+    methods=["GET", "HEAD"],
+    draining={"status": "Unhealthy", "draining": True},
+    summary="Health (TorchServe inference API)",
+)
 async def ping(request: Request) -> Response:
     healthy = await gateway_of(request).dataplane.ready()
     if healthy:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,13 +25,14 @@ from duoserve.frontends.http import (
     Gateway,
     call_context,
     check_content_type,
-    fast_path,
+    error_json,
     gateway_of,
     json_response,
     read_body,
     request_id,
     serve_inference,
 )
+from duoserve.routes import FrontDoor, Kind
 from duoserve.tensors import (
     InferenceRequest,
     InferenceResponse,
@@ -264,10 +264,11 @@ def model_metadata(name: str, config: ModelConfig, frameworks: list[str]) -> dic
 
 # -- routes -----------------------------------------------------------------------------
 
-router = APIRouter(tags=["Open Inference Protocol (V2)"])
+door = FrontDoor("Open Inference Protocol (V2)", errors=error_json)
+router = door.router
 
 
-@router.get("/v2", summary="Server metadata")
+@door.get("/v2", Kind.OTHER, summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     return json_response(
         {
@@ -278,14 +279,16 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.api_route("/v2/health/live", methods=["GET", "HEAD"], summary="Liveness")
+@door.route("/v2/health/live", Kind.HEALTH, methods=["GET", "HEAD"], summary="Liveness")
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.api_route(
+@door.route(
     "/v2/health/ready",
+    Kind.HEALTH,
     methods=["GET", "HEAD"],
+    draining={"ready": False, "draining": True},
     summary="Readiness: not draining, in-process models loaded",
 )
 async def ready(request: Request) -> Response:
@@ -295,7 +298,7 @@ async def ready(request: Request) -> Response:
     return json_response(body, status=200 if is_ready else 503)
 
 
-@router.get("/v2/models", summary="Models served (DuoServe extension)")
+@door.get("/v2/models", Kind.OTHER, summary="Models served (DuoServe extension)")
 async def list_models(request: Request) -> Response:
     dataplane = gateway_of(request).dataplane
     return json_response(
@@ -314,12 +317,17 @@ async def _metadata(request: Request, model: str, version: str | None) -> Respon
     return json_response(meta)
 
 
-@router.get("/v2/models/{model}", summary="Model metadata")
+@door.get("/v2/models/{model}", Kind.INFER, model="model", summary="Model metadata")
 async def metadata(request: Request, model: str) -> Response:
     return await _metadata(request, model, None)
 
 
-@router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+@door.get(
+    "/v2/models/{model}/versions/{version}",
+    Kind.INFER,
+    model="model",
+    summary="Model version metadata",
+)
 async def version_metadata(request: Request, model: str, version: str) -> Response:
     return await _metadata(request, model, version)
 
@@ -329,12 +337,17 @@ async def _model_ready(request: Request, model: str, version: str | None) -> Res
     return json_response({"name": model, "ready": is_ready}, status=200 if is_ready else 503)
 
 
-@router.get("/v2/models/{model}/ready", summary="Model readiness")
+@door.get("/v2/models/{model}/ready", Kind.INFER, model="model", summary="Model readiness")
 async def model_ready(request: Request, model: str) -> Response:
     return await _model_ready(request, model, None)
 
 
-@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+@door.get(
+    "/v2/models/{model}/versions/{version}/ready",
+    Kind.INFER,
+    model="model",
+    summary="Model version readiness",
+)
 async def model_version_ready(request: Request, model: str, version: str) -> Response:
     return await _model_ready(request, model, version)
 
@@ -410,24 +423,34 @@ INFER_BODY = {
 }
 
 
-@router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=INFER_BODY)
-@fast_path
+@door.post(
+    "/v2/models/{model}/infer",
+    Kind.INFER,
+    model="model",
+    fast=True,
+    summary="Inference",
+    openapi_extra=INFER_BODY,
+)
 async def infer(request: Request, model: str) -> Response:
     return await _infer(request, model, None)
 
 
-@router.post(
+@door.post(
     "/v2/models/{model}/versions/{version}/infer",
+    Kind.INFER,
+    model="model",
+    fast=True,
     summary="Inference on a version",
     openapi_extra=INFER_BODY,
 )
-@fast_path
 async def infer_version(request: Request, model: str, version: str) -> Response:
     return await _infer(request, model, version)
 
 
-@router.post(
+@door.post(
     "/v2/models/{model}/compare",
+    Kind.ADMIN,
+    model="model",
     summary="Run one request on every route and compare the frameworks (DuoServe extension)",
     openapi_extra=INFER_BODY,
 )
