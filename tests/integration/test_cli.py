@@ -290,3 +290,46 @@ def test_compare_shows_both_frameworks_and_how_far_they_agree(
     )
     assert unreachable.returncode == 1
     assert one_line(unreachable).startswith("duoserve compare: cannot reach")
+
+
+def test_rollout_status_shows_phase_gates_and_decisions(tmp_path: Path, model_store: Path) -> None:
+    key, entry = new_key("--name", "ops", "--scopes", "infer,admin")
+    plain, plain_entry = new_key("--name", "app")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(entry + plain_entry)
+    rollout = {
+        "to": {"backend": "local", "framework": "pytorch", "model": "digits"},
+        "start": "2099-01-01T00:00:00Z",  # not yet begun: pending
+        "steps": [10, 100],
+    }
+    tensorflow = [{"backend": "local", "framework": "tensorflow", "model": "digits"}]
+    config = config_file(
+        tmp_path / "models.yaml",
+        model_store,
+        digits={"routes": tensorflow, "rollout": rollout},
+        plain={"routes": tensorflow},
+    )
+    server = Gateway(config, tmp_path, env={"DUOSERVE_API_KEYS_FILE": str(keys)})
+    try:
+        server.start()
+        status = ("rollout", "status", "digits", "--url", server.url)
+        shown = duoserve(*status, env={"DUOSERVE_API_KEY": key})
+        assert shown.returncode == 0, shown.stderr
+        first, second = shown.stdout.splitlines()[:2]
+        assert re.fullmatch(
+            r"digits: rollout [0-9a-f]{12} to pytorch on local \(local gates\)", first
+        ), first
+        assert "phase pending, step 0 of 2, target serves 0 %" in second
+        as_json = duoserve(*status, "--json", env={"DUOSERVE_API_KEY": key})
+        assert json.loads(as_json.stdout)["steps"] == [10, 100]
+        # Admin scope, like /compare; a model without a rollout is a 404 saying so.
+        not_admin = duoserve(*status, env={"DUOSERVE_API_KEY": plain})
+        assert not_admin.returncode == 1 and "HTTP 403" in one_line(not_admin)
+        none = duoserve("rollout", "status", "plain", "--url", server.url,
+                        env={"DUOSERVE_API_KEY": key})  # fmt: skip
+        assert none.returncode == 1
+        assert one_line(none) == (
+            "duoserve rollout status: HTTP 404: model 'plain' has no rollout in models.yaml"
+        )
+    finally:
+        server.stop()

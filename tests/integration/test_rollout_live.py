@@ -130,9 +130,15 @@ def status_of(app: Any) -> dict[str, Any]:
 
 
 async def roll(
-    path: Path, data: dict[str, Any], images: np.ndarray, until: str, then: Any = None
+    path: Path,
+    data: dict[str, Any],
+    images: np.ndarray,
+    until: str,
+    then: Any = None,
+    linger_s: float = 0.0,
 ) -> tuple[dict[str, Any], Traffic]:
-    """Run a gateway on ``data`` under traffic until its rollout reaches phase ``until``."""
+    """Run a gateway on ``data`` under traffic until its rollout reaches phase ``until`` (and
+    ``linger_s`` longer)."""
     async with gateway(path, data) as (client, app):
         traffic = Traffic([client], images)
         running = asyncio.create_task(traffic.run())
@@ -140,6 +146,7 @@ async def roll(
             if then is not None:
                 await then(app, traffic)
             await eventually(lambda: status_of(app)["phase"] == until, f"phase {until}", 90)
+            await asyncio.sleep(linger_s)
         finally:
             traffic.stop = True
             await running
@@ -228,7 +235,12 @@ async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluatio
             killed.append(time.time())
 
         status, traffic = await roll(
-            tmp_path / "m.yaml", data, digits_samples[0], "rolled_back", then=kill_in_step
+            tmp_path / "m.yaml",
+            data,
+            digits_samples[0],
+            "rolled_back",
+            then=kill_in_step,
+            linger_s=1.5,
         )
     finally:
         doomed.stop()

@@ -1,4 +1,5 @@
-"""`duoserve serve | config check | models | compare | keys new | keys hash | bench`."""
+"""`duoserve serve | config check | models | compare | rollout status | keys new | keys hash |
+bench`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -152,36 +154,44 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _call_gateway(command: str, url: str, body: bytes | None = None) -> Any:
+    """One call to a running gateway's admin API; its JSON answer, or None after a one-line
+    message on stderr (HTTP error or unreachable gateway)."""
     import urllib.error
     import urllib.request
 
+    headers = {"content-type": "application/json"}
+    # From the environment, not the command line, where other users' `ps` would show it.
+    key = os.environ.get("DUOSERVE_API_KEY")
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    method = "GET" if body is None else "POST"
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's URL
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = error.reason
+        print(f"duoserve {command}: HTTP {error.code}: {reason}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as error:
+        why = getattr(error, "reason", error)
+        print(f"duoserve {command}: cannot reach {url}: {why}", file=sys.stderr)
+    return None
+
+
+def _compare(args: argparse.Namespace) -> int:
     try:
         with open(args.payload, "rb") as handle:
             body = handle.read()
     except OSError as error:
         print(f"duoserve compare: cannot read {args.payload}: {error.strerror}", file=sys.stderr)
         return 2
-    headers = {"content-type": "application/json"}
-    # From the environment, not the command line, where other users' `ps` would show it.
-    key = os.environ.get("DUOSERVE_API_KEY")
-    if key:
-        headers["authorization"] = f"Bearer {key}"
     url = f"{args.url.rstrip('/')}/v2/models/{args.model}/compare"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - user's URL
-            report = json.load(response)
-    except urllib.error.HTTPError as error:
-        try:
-            reason = json.loads(error.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = error.reason
-        print(f"duoserve compare: HTTP {error.code}: {reason}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as error:
-        why = getattr(error, "reason", error)
-        print(f"duoserve compare: cannot reach {args.url}: {why}", file=sys.stderr)
+    report = _call_gateway("compare", url, body)
+    if report is None:
         return 1
     for entry in report["results"]:
         outcome = f"{entry['latency_ms']:.2f} ms" if "latency_ms" in entry else entry["error"]
@@ -193,6 +203,32 @@ def _compare(args: argparse.Namespace) -> int:
             f"{pair['argmax_agree']}/{pair['rows']}, max abs diff "
             + ("n/a" if diff is None else f"{diff:.3g}")
         )
+    return 0
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    url = f"{args.url.rstrip('/')}/v2/models/{args.model}/rollout"
+    status = _call_gateway("rollout status", url)
+    if status is None:
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    target = status["target"]
+    print(
+        f"{status['model']}: rollout {status['rollout']} to {target['framework']} on "
+        f"{target['backend']} ({status['gates_from']} gates)"
+    )
+    print(
+        f"  phase {status['phase']}, step {status['step']} of {len(status['steps'])}, target "
+        f"serves {status['target_weight']:g} %, copies {status['shadow_sample']:g} of the rest; "
+        f"since {status['phase_started']}"
+    )
+    for name, gate in status["gates"].items():
+        value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
+        print(f"  {name:<16} {value:>10}  (threshold {gate['threshold']:g})  {gate['state']}")
+    for decision in status["history"]:
+        print(f"  {decision['at']}  {decision['decision']:<8} {decision['reason']}")
     return 0
 
 
@@ -237,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("payload", help="a V2 infer request body (JSON file)")
     compare.add_argument("--url", default="http://127.0.0.1:8000")
     compare.set_defaults(run=_compare)
+
+    rollout = commands.add_parser("rollout", help="gated rollouts of a running gateway")
+    rollout_commands = rollout.add_subparsers(dest="rollout_command", required=True)
+    status = rollout_commands.add_parser(
+        "status",
+        help="phase, target's share, gates and decisions of a model's rollout",
+        description="Where a model's rollout stands on a running gateway. With API keys on, "
+        "the key (admin scope) comes from the environment: DUOSERVE_API_KEY.",
+    )
+    status.add_argument("model")
+    status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+    status.set_defaults(run=_rollout_status)
 
     keys = commands.add_parser("keys", help="API keys for DUOSERVE_API_KEYS_FILE")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)

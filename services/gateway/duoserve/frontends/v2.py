@@ -343,6 +343,18 @@ async def model_ready(request: Request, model: str) -> Response:
 
 
 @door.get(
+    "/v2/models/{model}/rollout",
+    Kind.ADMIN,
+    model="model",
+    summary="The model's rollout: phase, target's share, each gate against its threshold, "
+    "every decision with its reason (DuoServe extension)",
+)
+async def rollout_status(request: Request, model: str) -> Response:
+    status = gateway_of(request).dataplane.rollout(model).status()
+    return json_response(status, headers={"x-request-id": request_id(request.headers)})
+
+
+@door.get(
     "/v2/models/{model}/versions/{version}/ready",
     Kind.INFER,
     model="model",
