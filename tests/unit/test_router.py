@@ -168,3 +168,40 @@ def test_route_defaults_to_the_logical_model_name() -> None:
         ("b", "other"),
     ]
     assert router.frameworks == ["pytorch", "tensorflow"]
+
+
+class _Share:
+    """Stands in for a Rollout: only the target's share matters to routing."""
+
+    def __init__(self, percent: float) -> None:
+        self.target_share = percent
+        self.shadow_sample = 0.0
+
+
+def test_a_rollout_target_gets_its_share_and_sticky_keys_stay_as_it_grows() -> None:
+    rollout = {
+        "to": {"backend": "c", "framework": "pytorch"},
+        "start": "2026-12-01T10:00:00Z",
+    }
+    router = _router([_route("b", "tensorflow", 1)], rollout=rollout)
+    keys = [f"user-{i}" for i in range(2000)]
+    on_target: set[str] = set()
+    for percent in (5, 25, 50, 100):
+        router.rollout = _Share(percent)  # type: ignore[assignment]
+        chosen = {key: router.plan(route_key=key)[0] for key in keys}
+        now = {key for key, route in chosen.items() if router.is_target(route)}
+        assert abs(len(now) / len(keys) - percent / 100) < 0.04, (percent, len(now))
+        assert on_target <= now  # a key on the target stays there as its share grows
+        on_target = now
+        counts = Counter(router.plan()[0].framework for _ in range(3000))
+        assert abs(counts["pytorch"] / 3000 - percent / 100) < 0.04, (percent, counts)
+    # At 100 % the current route is still there for failover.
+    assert [r.framework for r in router.plan()] == ["pytorch"]
+    failover = _router([_route("b", "tensorflow", 1)], rollout=rollout, failover=True)
+    failover.rollout = _Share(100)  # type: ignore[assignment]
+    assert [r.framework for r in failover.plan()] == ["pytorch", "tensorflow"]
+    # Rolled back (share 0): the target gets nothing, pinned or not.
+    router.rollout = _Share(0)  # type: ignore[assignment]
+    assert {router.plan()[0].framework for _ in range(200)} == {"tensorflow"}
+    with pytest.raises(BadRequest, match="has no pytorch route"):
+        router.plan(pin="pytorch")

@@ -366,89 +366,107 @@ class DataPlane:
     async def call_route(
         self, model_name: str, route: Route, request: InferenceRequest, deadline: Deadline
     ) -> Served:
-        """One route: circuit breaker, backend concurrency limit, retries of unprocessed calls."""
+        """One route: its circuit and concurrency limit, then the backend call, retried (on
+        another replica where there is one) while the backend did not process the request."""
         guard = route.guard
         assert guard is not None, "the data plane's routes carry their backend's guard"
         target = request.with_target(route.model, request.version or route.version, route.framework)
-        labels = (route.backend_name, route.framework)
-        backend = route.backend
-        attempt = 0
-        tried: list[str] = []  # replicas that did not process this request
-        budget = self.retry_budget
-        budget.active += 1
-        try:
+        with _Retries(self.retry_budget, guard.retries) as retries:
             while True:
-                if not guard.breaker.allow():
-                    self.metrics.backend_errors.labels(model_name, *labels, "circuit_open").inc()
-                    raise Unavailable(
-                        f"the {route.framework} backend for model '{model_name}' is failing; "
-                        "its circuit is open",
-                        reason="circuit_open",
-                        retry_after_s=guard.breaker.retry_after_s(),
+                self._admit(model_name, route, guard)
+                await self._acquire(model_name, guard, deadline)
+                try:
+                    return await self._attempt(
+                        model_name, route, guard, target, deadline, retries.tried
                     )
-                try:
-                    await guard.limiter.acquire(deadline)
-                except Overloaded:
-                    guard.breaker.record_neutral()
-                    self.metrics.shed.labels(model_name, "backend_concurrency").inc()
-                    raise
-                in_flight = self.metrics.backend_in_flight.labels(*labels)
-                in_flight.inc()
-                started = time.perf_counter()
-                try:
-                    response = await backend.infer(target, deadline, avoid=tried)
                 except BACKEND_FAULTS as error:
-                    # One replica failing while others are healthy is the replica's problem
-                    # (outlier ejection handles it), not the backend's: the circuit opens only
-                    # when no replica is left that works.
-                    elsewhere = backend.healthy_elsewhere(error.endpoint)
-                    if elsewhere:
-                        guard.breaker.record_neutral()
-                    else:
-                        guard.breaker.record_failure()
-                    self.metrics.backend_errors.labels(model_name, *labels, error.reason).inc()
-                    if (
-                        isinstance(error, NOT_PROCESSED)
-                        and attempt < guard.retries
-                        and budget.can_retry()
-                        and deadline.remaining() > 0.005
-                    ):
-                        if attempt == 0:
-                            budget.retrying += 1  # until this request ends, retries included
-                        attempt += 1
-                        self.metrics.retries.labels(route.backend_name, error.reason).inc()
-                        if error.endpoint is not None:
-                            tried.append(error.endpoint)
-                        if not elsewhere:  # the same replica(s) again: give them a moment
-                            await asyncio.sleep(min(backoff_s(attempt), deadline.remaining() / 2))
-                        continue
-                    raise
-                except DuoServeError:
-                    guard.breaker.record_neutral()
-                    raise
-                except asyncio.CancelledError:
-                    guard.breaker.record_neutral()
-                    raise
-                except Exception as error:  # a backend bug must not become a 500 with a trace
-                    guard.breaker.record_failure()
-                    self.metrics.backend_errors.labels(model_name, *labels, "backend_error").inc()
-                    log.exception("backend %s failed unexpectedly", route.backend_name)
-                    raise UpstreamError(
-                        f"the {route.framework} backend failed while serving '{model_name}'"
-                    ) from error
-                finally:
-                    elapsed = time.perf_counter() - started
-                    in_flight.dec()
-                    guard.limiter.release()
-                guard.breaker.record_success()
-                self.metrics.backend_duration.labels(
-                    model_name, route.framework, route.backend_name
-                ).observe(elapsed)
-                return Served(response, route, elapsed)
+                    elsewhere = self._fault(model_name, route, guard, error)
+                    if not retries.another(error, deadline):
+                        raise
+                    self.metrics.retries.labels(route.backend_name, error.reason).inc()
+                    if not elsewhere:  # the same replica(s) again: give them a moment
+                        await asyncio.sleep(min(backoff_s(retries.count), deadline.remaining() / 2))
+
+    def _admit(self, model_name: str, route: Route, guard: BackendGuard) -> None:
+        """Unavailable at once while the backend's circuit is open."""
+        if guard.breaker.allow():
+            return
+        self.metrics.backend_errors.labels(
+            model_name, route.backend_name, route.framework, "circuit_open"
+        ).inc()
+        raise Unavailable(
+            f"the {route.framework} backend for model '{model_name}' is failing; its circuit "
+            "is open",
+            reason="circuit_open",
+            retry_after_s=guard.breaker.retry_after_s(),
+        )
+
+    async def _acquire(self, model_name: str, guard: BackendGuard, deadline: Deadline) -> None:
+        """A slot of the backend's concurrency limit, or Overloaded (shed, counted)."""
+        try:
+            await guard.limiter.acquire(deadline)
+        except Overloaded:
+            guard.breaker.record_neutral()
+            self.metrics.shed.labels(model_name, "backend_concurrency").inc()
+            raise
+
+    async def _attempt(
+        self,
+        model_name: str,
+        route: Route,
+        guard: BackendGuard,
+        target: InferenceRequest,
+        deadline: Deadline,
+        tried: list[str],
+    ) -> Served:
+        """One backend call in its acquired slot: timed, counted in flight, the slot released
+        and the circuit told how it went. BACKEND_FAULTS reach the caller, which judges them
+        (_fault); any other failure of the backend's own code becomes an UpstreamError."""
+        in_flight = self.metrics.backend_in_flight.labels(route.backend_name, route.framework)
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            response = await route.backend.infer(target, deadline, avoid=tried)
+        except BACKEND_FAULTS:
+            raise
+        except (DuoServeError, asyncio.CancelledError):
+            guard.breaker.record_neutral()  # the client's input, or the client left
+            raise
+        except Exception as error:  # a backend bug must not become a 500 with a trace
+            guard.breaker.record_failure()
+            self.metrics.backend_errors.labels(
+                model_name, route.backend_name, route.framework, "backend_error"
+            ).inc()
+            log.exception("backend %s failed unexpectedly", route.backend_name)
+            raise UpstreamError(
+                f"the {route.framework} backend failed while serving '{model_name}'"
+            ) from error
         finally:
-            budget.active -= 1
-            if attempt:
-                budget.retrying -= 1
+            elapsed = time.perf_counter() - started
+            in_flight.dec()
+            guard.limiter.release()
+        guard.breaker.record_success()
+        self.metrics.backend_duration.labels(
+            model_name, route.framework, route.backend_name
+        ).observe(elapsed)
+        return Served(response, route, elapsed)
+
+    def _fault(
+        self, model_name: str, route: Route, guard: BackendGuard, error: DuoServeError
+    ) -> bool:
+        """Count a backend fault, and tell the circuit unless a replica other than the one
+        that failed is healthy: one replica failing among healthy ones is the replica's
+        problem (outlier ejection handles it); the circuit opens only when none works.
+        Returns whether another replica is healthy."""
+        elsewhere = route.backend.healthy_elsewhere(error.endpoint)
+        if elsewhere:
+            guard.breaker.record_neutral()
+        else:
+            guard.breaker.record_failure()
+        self.metrics.backend_errors.labels(
+            model_name, route.backend_name, route.framework, error.reason
+        ).inc()
+        return elsewhere
 
     # -- shadow --------------------------------------------------------------------------
 
@@ -629,6 +647,45 @@ def register_routes(config: GatewayConfig, backends: dict[str, Backend]) -> None
 
 
 # -- signature and comparison helpers -------------------------------------------------------
+
+
+class _Retries:
+    """One request's retries of one route, counted in the shared budget while it lasts."""
+
+    __slots__ = ("budget", "allowed", "count", "tried")
+
+    def __init__(self, budget: RetryBudget, allowed: int) -> None:
+        self.budget = budget
+        self.allowed = allowed
+        self.count = 0
+        self.tried: list[str] = []  # replicas that did not process this request
+
+    def __enter__(self) -> _Retries:
+        self.budget.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.budget.active -= 1
+        if self.count:
+            self.budget.retrying -= 1
+
+    def another(self, error: DuoServeError, deadline: Deadline) -> bool:
+        """Whether to call again after ``error``: only a call the backend did not process,
+        within the route's retries and the budget, with time left. A replica named by the
+        error is avoided next time."""
+        if not (
+            isinstance(error, NOT_PROCESSED)
+            and self.count < self.allowed
+            and self.budget.can_retry()
+            and deadline.remaining() > 0.005
+        ):
+            return False
+        if self.count == 0:
+            self.budget.retrying += 1  # until this request ends, retries included
+        self.count += 1
+        if error.endpoint is not None:
+            self.tried.append(error.endpoint)
+        return True
 
 
 class ReloadError(Exception):
