@@ -114,6 +114,8 @@ class Traffic:
             client = self.clients[k % len(self.clients)]
             i = k
             while not self.stop:
+                # In process, a request that fails at once never suspends: let the loop run.
+                await asyncio.sleep(0)
                 image = self.images[i % len(self.images)][None]
                 i += concurrency
                 sent = time.time()  # routing is decided as a request starts
@@ -202,7 +204,7 @@ async def test_a_slower_target_fails_the_latency_gate(
         targets.set_delay(0)
     (decision,) = status["history"]
     gate = decision["gates"]["max_p99_ratio"]
-    assert gate["state"] == "failed" and gate["value"] >= 1.8, gate
+    assert gate["state"] == "failed" and gate["value"] > gate["threshold"], gate
     assert "max_p99_ratio" in decision["reason"]
     # Users were served by the current route only (the target got copies).
     assert {code for _, _, code in traffic.served} == {200}
@@ -218,19 +220,21 @@ async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluatio
     requests, only until the next evaluation point."""
     doomed = start_standin(model_base_path=model_store / "tensorflow" / "digits")
     try:
-        block = rollout(steps=[20, 100], step_interval_s=2.0)
+        block = rollout(steps=[20, 100], step_interval_s=3.0)
         data = {
             "backends": backends(torchserve, doomed),
             "models": {"digits": model_with_rollout(block, failover=False)},
         }
         killed: list[float] = []
+        share: list[float] = []  # the target's percent when it died
 
         async def kill_in_step(app: Any, traffic: Traffic) -> None:
             await eventually(lambda: status_of(app)["phase"] == "step", "the first step", 60)
             await eventually(
-                lambda: sum(fw == "tensorflow" for _, fw, _ in traffic.served) > 20,
+                lambda: sum(fw == "tensorflow" for _, fw, _ in traffic.served) > 5,
                 "users served by the target",
             )
+            share.append(status_of(app)["target_weight"])
             doomed.kill()
             killed.append(time.time())
 
@@ -253,7 +257,8 @@ async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluatio
     assert killed[0] - 0.5 < rolled_back_at <= killed[0] + 0.5 + 0.5
     window = [(fw, code) for at, fw, code in traffic.served if killed[0] <= at <= rolled_back_at]
     errors = sum(code != 200 for _, code in window)
-    assert errors <= 0.2 * len(window) + 3, (errors, len(window))
+    assert share == [20]
+    assert errors <= share[0] / 100 * len(window) + 3, (errors, len(window))
     after = [code for at, _, code in traffic.served if at > rolled_back_at + 0.6]
     assert after and set(after) == {200}
 

@@ -175,6 +175,7 @@ class Load:
         async def worker() -> None:
             nonlocal sent
             while not self.stopping and (total is None or sent < total):
+                await asyncio.sleep(0)  # in process, a failing request may never suspend
                 sent += 1
                 try:
                     answer = await self.client.post(

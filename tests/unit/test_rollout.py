@@ -197,6 +197,8 @@ class Traffic:
         async def one(offset: int) -> None:
             i = offset
             while not self.stop:
+                # In process, a request that fails at once never suspends: let the loop run.
+                await asyncio.sleep(0)
                 image = self.images[i % len(self.images)][None]
                 i += concurrency
                 sent = time.time()  # routing is decided as a request starts
