@@ -16,13 +16,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from duoserve.tensors import (
-    V2_TO_NUMPY,
-    Tensor,
-    array_from_json,
-    array_to_json,
-    binary_request,
-)
+from duoserve.codecs.arrays import array_from_json, array_to_json
+from duoserve.codecs.v2 import binary_request
+from duoserve.tensors import V2_TO_NUMPY, Tensor
 
 TARGETS = ("gateway", "v2", "torchserve", "tfserving-rest", "tfserving-grpc")
 PROTOCOLS = ("v2", "v2-binary", "tfserving", "torchserve")

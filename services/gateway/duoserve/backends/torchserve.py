@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
 import orjson
 
 from duoserve.backends.endpoints import ReplicatedBackend, Resolver, resolve_host
@@ -34,6 +33,8 @@ from duoserve.backends.http import (
     http_endpoints,
     status_error,
 )
+from duoserve.codecs.torchserve import json_body
+from duoserve.codecs.v2 import binary_request, decode_v2_outputs
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -41,14 +42,7 @@ from duoserve.errors import (
 )
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
-from duoserve.tensors import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    binary_request,
-    json_tensor,
-    numpy_dtype,
-)
+from duoserve.tensors import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +78,6 @@ def _message(raw: bytes) -> str:
 # text; send JSON" or "... is not valid JSON (...); send JSON" (DuoServe's handler before it
 # read the binary extension).
 _JSON_ONLY_HANDLER = b"; send JSON"
-
-
-def json_body(request: InferenceRequest) -> bytes:
-    """The V2-style JSON body the handler reads: data as flat lists."""
-    return orjson.dumps(
-        {"inputs": [json_tensor(t) for t in request.inputs]}, option=orjson.OPT_SERIALIZE_NUMPY
-    )
 
 
 class TorchServeBackend(ReplicatedBackend[HTTPPool]):
@@ -217,16 +204,8 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
 
     def _decode(self, raw: bytes, request: InferenceRequest) -> InferenceResponse:
         try:
-            doc = orjson.loads(raw)
-            outputs = [
-                Tensor(
-                    o["name"],
-                    np.asarray(o["data"], dtype=numpy_dtype(o["datatype"])).reshape(o["shape"]),
-                    o["datatype"],
-                )
-                for o in doc["outputs"]
-            ]
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DuoServeError) as error:
+            outputs, _ = decode_v2_outputs(raw, None)
+        except (KeyError, TypeError, ValueError, AttributeError, DuoServeError) as error:
             log.warning("backend %s: unexpected TorchServe answer: %r", self.name, error)
             raise UpstreamError(
                 "TorchServe answered in a format the gateway does not understand; "

@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from duoserve.codecs.arrays import array_from_json
 from duoserve.config import ModelConfig, TensorSpec
 from duoserve.dataplane import CallContext, Served
 from duoserve.errors import BadRequest, NotFound
@@ -32,7 +33,7 @@ from duoserve.frontends.http import (
 )
 from duoserve.router import ModelRouter
 from duoserve.routes import FrontDoor, Kind
-from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, array_from_json
+from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor
 
 PROTOCOL = "tfserving"
 
