@@ -164,13 +164,10 @@ def tfserving_grpc_body(
     tensors: dict[str, tuple[str, np.ndarray]], model: str, signature: str
 ) -> bytes:
     """A serialized PredictRequest with raw ``tensor_content``: the gateway's own encoder."""
-    from duoserve.backends.tfserving import _model_spec, encode_tensor
-    from duoserve.protos import predict_pb2
+    from duoserve.codecs.tensorproto import predict_request
 
-    request = predict_pb2.PredictRequest(model_spec=_model_spec(model, None, signature))
-    for name, (datatype, array) in tensors.items():
-        request.inputs[name].CopyFrom(encode_tensor(Tensor(name, array, datatype)))
-    data: bytes = request.SerializeToString()
+    inputs = [Tensor(name, array, datatype) for name, (datatype, array) in tensors.items()]
+    data: bytes = predict_request(model, None, signature, inputs).SerializeToString()
     return data
 
 
