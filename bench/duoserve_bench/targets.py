@@ -22,7 +22,8 @@ from duoserve.tensors import V2_TO_NUMPY, Tensor
 
 TARGETS = ("gateway", "v2", "torchserve", "tfserving-rest", "tfserving-grpc")
 PROTOCOLS = ("v2", "v2-binary", "tfserving", "torchserve")
-# TF Serving's Predict method (as backends/tfserving.py PREDICT; not imported: grpc-free here)
+# TF Serving's Predict method (as backends/tfserving/grpc_api.py PREDICT; not imported: grpc-free
+# here)
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 
 
