@@ -24,8 +24,9 @@ import yaml
 
 from duoserve.codecs.v2 import binary_request
 from duoserve.tensors import Tensor
-from tests.conftest import DIGITS_IO, v2_body, wait_for
+from tests.conftest import DIGITS_IO, v2_body
 from tests.servers import Gateway, free_port, http_get
+from tests.timing import eventually
 from tests.v2_servers.digits_numpy import export_weights
 from tests.v2_servers.fixture import MLServerProcess, TritonProcess, WireTap
 
@@ -450,7 +451,7 @@ async def test_a_replica_back_from_ejection_is_asked_before_it_takes_calls(
         assert response.status_code == 502, "the failing replica got no call"
         failing.clear()
         failing.upstream = mlserver.url
-        await wait_for(lambda: failing.calls("/v2") != [], 10, "the returning replica's GET /v2")
+        await eventually(lambda: failing.calls("/v2") != [], "the returning replica's GET /v2", 10)
         for _round in range(10):
             answers = await _concurrently(client, images, 4)
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
