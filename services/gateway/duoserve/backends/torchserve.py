@@ -28,13 +28,12 @@ from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
-    binary_headers,
     call,
     http_endpoints,
     status_error,
 )
 from duoserve.codecs.torchserve import json_body
-from duoserve.codecs.v2 import binary_request, decode_v2_outputs
+from duoserve.codecs.v2 import binary_headers, binary_request, decode_v2_response
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -204,19 +203,16 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
 
     def _decode(self, raw: bytes, request: InferenceRequest) -> InferenceResponse:
         try:
-            outputs, _ = decode_v2_outputs(raw, None)
+            response = decode_v2_response(raw, None, request)
         except (KeyError, TypeError, ValueError, AttributeError, DuoServeError) as error:
             log.warning("backend %s: unexpected TorchServe answer: %r", self.name, error)
             raise UpstreamError(
                 "TorchServe answered in a format the gateway does not understand; "
                 "is the model archived with services/torchserve/handler.py?"
             ) from None
-        return InferenceResponse(
-            model_name=request.model,
-            model_version=request.version,
-            outputs=outputs,
-            id=request.id,
-        )
+        # The version the call asked for, whatever the handler's answer says.
+        response.model_version = request.version
+        return response
 
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None

@@ -33,7 +33,6 @@ from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
-    binary_headers,
     call,
     http_endpoints,
     server_message,
@@ -42,7 +41,7 @@ from duoserve.backends.http import (
 from duoserve.codecs.v2 import (
     BINARY_EXTENSION,
     HEADER_LENGTH,
-    decode_v2_outputs,
+    decode_v2_response,
     encode_v2_request,
 )
 from duoserve.config import V2BackendConfig
@@ -187,10 +186,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
     def encode(self, request: InferenceRequest, binary: bool) -> tuple[bytes, dict[str, str]]:
         """The body and content headers of an infer call: JSON header + binary tensors (all
         outputs asked for in binary too), or plain V2 JSON."""
-        body, header_length = encode_v2_request(request, binary)
-        if header_length is None:
-            return body, {"Content-Type": "application/json"}
-        return body, binary_headers(header_length)
+        return encode_v2_request(request, binary)
 
     async def infer(
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
@@ -252,19 +248,12 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
         self, raw: bytes, header_length: str | None, request: InferenceRequest
     ) -> InferenceResponse:
         try:
-            outputs, version = decode_v2_outputs(raw, header_length)
+            return decode_v2_response(raw, header_length, request)
         except (KeyError, TypeError, ValueError, AttributeError, DuoServeError) as error:
             log.warning("backend %s: unexpected V2 answer: %r", self.name, error)
             raise UpstreamError(
                 "the V2 server answered in a format the gateway does not understand"
             ) from None
-        return InferenceResponse(
-            model_name=request.model,
-            model_version=version,
-            outputs=outputs,
-            id=request.id,
-            parameters={},
-        )
 
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None

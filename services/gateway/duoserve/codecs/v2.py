@@ -2,7 +2,7 @@
 
 What the V2 front door decodes (``decode_v2_request``) and answers (``encode_v2_response``),
 and what the V2 and TorchServe backends send (``encode_v2_request``, ``binary_request``) and
-read back (``decode_v2_outputs``). Tensor data goes from JSON straight to numpy (orjson, no
+read back (``decode_v2_response``). Tensor data goes from JSON straight to numpy (orjson, no
 per-element model validation); every input a client sends is bounded by the model's declared
 shape before any array is built. Binary tensors are raw little-endian bytes; a BYTES element is
 a 4-byte little-endian length, then its bytes.
@@ -124,6 +124,14 @@ def binary_bytes(array: np.ndarray) -> bytes:
             parts.append(data)
         return b"".join(parts)
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def binary_headers(header_length: int) -> dict[str, str]:
+    """Request headers of a body in the binary tensor extension (JSON header, then bytes)."""
+    return {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
 
 
 def binary_request(inputs: list[Tensor], **fields: Any) -> tuple[bytes, int]:
@@ -370,9 +378,9 @@ def model_metadata(name: str, config: ModelConfig, frameworks: list[str]) -> dic
 # -- what a backend sends a V2 server, and reads back ----------------------------------------
 
 
-def encode_v2_request(request: InferenceRequest, binary: bool) -> tuple[bytes, int | None]:
-    """An infer call's body and, for the binary extension, its JSON header's length: JSON
-    header + binary tensors (all outputs asked for in binary too), or plain V2 JSON (None)."""
+def encode_v2_request(request: InferenceRequest, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """The body and content headers of an infer call: JSON header + binary tensors (all
+    outputs asked for in binary too), or plain V2 JSON."""
     fields: dict[str, Any] = {}
     if request.id is not None:
         fields["id"] = request.id
@@ -382,16 +390,20 @@ def encode_v2_request(request: InferenceRequest, binary: bool) -> tuple[bytes, i
             fields["outputs"] = [
                 {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
             ]
-        return binary_request(request.inputs, **fields)
+        body, header_length = binary_request(request.inputs, **fields)
+        return body, binary_headers(header_length)
     if request.outputs:
         fields["outputs"] = [{"name": o.name} for o in request.outputs]
     fields["inputs"] = [strict_json_input(t) for t in request.inputs]
-    return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY), None
+    body = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
+    return body, {"Content-Type": "application/json"}
 
 
-def decode_v2_outputs(raw: bytes, header_length: str | None) -> tuple[list[Tensor], Any]:
-    """A server's V2 answer (JSON, or JSON + binary outputs after ``header_length`` bytes) ->
-    its output tensors and its ``model_version``.
+def decode_v2_response(
+    raw: bytes, header_length: str | None, request: InferenceRequest
+) -> InferenceResponse:
+    """A server's V2 answer to ``request`` (JSON, or JSON + binary outputs after
+    ``header_length`` bytes): its outputs and the ``model_version`` it names.
 
     Trusts the server as far as numpy lets it: an answer not in the V2 shape raises KeyError,
     TypeError, ValueError, AttributeError or DuoServeError, which the caller reports as the
@@ -417,4 +429,9 @@ def decode_v2_outputs(raw: bytes, header_length: str | None) -> tuple[list[Tenso
         else:
             array = np.asarray(item["data"], dtype=dtype)
         outputs.append(Tensor(item["name"], array.reshape(shape), item["datatype"]))
-    return outputs, doc.get("model_version")
+    return InferenceResponse(
+        model_name=request.model,
+        model_version=doc.get("model_version"),
+        outputs=outputs,
+        id=request.id,
+    )
