@@ -16,17 +16,14 @@ from urllib.parse import quote
 
 import numpy as np
 
-from duoserve.tensors import (
-    V2_TO_NUMPY,
-    Tensor,
-    array_from_json,
-    array_to_json,
-    binary_request,
-)
+from duoserve.codecs.arrays import array_from_json, array_to_json
+from duoserve.codecs.v2 import binary_request
+from duoserve.tensors import V2_TO_NUMPY, Tensor
 
 TARGETS = ("gateway", "v2", "torchserve", "tfserving-rest", "tfserving-grpc")
 PROTOCOLS = ("v2", "v2-binary", "tfserving", "torchserve")
-# TF Serving's Predict method (as backends/tfserving.py PREDICT; not imported: grpc-free here)
+# TF Serving's Predict method (as backends/tfserving/grpc_api.py PREDICT; not imported: grpc-free
+# here)
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 
 
@@ -168,13 +165,10 @@ def tfserving_grpc_body(
     tensors: dict[str, tuple[str, np.ndarray]], model: str, signature: str
 ) -> bytes:
     """A serialized PredictRequest with raw ``tensor_content``: the gateway's own encoder."""
-    from duoserve.backends.tfserving import _model_spec, encode_tensor
-    from duoserve.protos import predict_pb2
+    from duoserve.codecs.tensorproto import predict_request
 
-    request = predict_pb2.PredictRequest(model_spec=_model_spec(model, None, signature))
-    for name, (datatype, array) in tensors.items():
-        request.inputs[name].CopyFrom(encode_tensor(Tensor(name, array, datatype)))
-    data: bytes = request.SerializeToString()
+    inputs = [Tensor(name, array, datatype) for name, (datatype, array) in tensors.items()]
+    data: bytes = predict_request(model, None, signature, inputs).SerializeToString()
     return data
 
 

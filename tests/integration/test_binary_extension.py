@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from duoserve.codecs.v2 import decode_v2_request, encode_v2_response
 from duoserve.config import ModelConfig
-from duoserve.frontends.v2 import BINARY_TYPES, decode_v2_request, encode_v2_response
+from duoserve.frontends.v2 import BINARY_TYPES
 from duoserve.tensors import V2_TO_NUMPY, InferenceResponse, Tensor
 from tests.servers import Gateway
 

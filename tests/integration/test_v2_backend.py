@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from duoserve.tensors import Tensor, binary_request
+from duoserve.codecs.v2 import binary_request
+from duoserve.tensors import Tensor
 from tests.conftest import DIGITS_IO, v2_body
 from tests.servers import Gateway, free_port, http_get
 from tests.timing import eventually

@@ -9,18 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from duoserve.codecs.arrays import array_from_json, array_to_json
+from duoserve.codecs.v2 import binary_bytes, split_bytes_elements
 from duoserve.errors import BadRequest
-from duoserve.tensors import (
-    V2_TO_NUMPY,
-    InferenceRequest,
-    Tensor,
-    array_from_json,
-    array_to_json,
-    binary_bytes,
-    datatype_of,
-    numpy_dtype,
-    split_bytes_elements,
-)
+from duoserve.tensors import V2_TO_NUMPY, InferenceRequest, Tensor, datatype_of, numpy_dtype
 
 NUMERIC_CASES: list[tuple[str, Any, np.dtype[Any]]] = [
     ("BOOL", [[True, False], [False, True]], np.dtype(bool)),

@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from duoserve.frontends.tfserving import encode_predict
+from duoserve.codecs.tfserving import encode_predict
 from duoserve.tensors import InferenceResponse, Tensor
 from tests.conftest import GatewayFactory, digits_model, embedded_config, v2_body
 

@@ -263,7 +263,7 @@ CODEC_CASES = [
 def test_gateway_tensors_read_by_tensorflow_and_back(datatype: str, array: np.ndarray) -> None:
     """What the gateway sends TensorFlow reads as the same array, and vice versa."""
     tf = importlib.import_module("tensorflow")
-    from duoserve.backends.tfserving import decode_tensor, encode_tensor
+    from duoserve.codecs.tensorproto import decode_tensor, encode_tensor
     from duoserve.tensors import Tensor
 
     sent = encode_tensor(Tensor("x", array, datatype))
@@ -290,7 +290,7 @@ def test_gateway_tensors_read_by_tensorflow_and_back(datatype: str, array: np.nd
 
 def test_typed_values_shorter_than_the_shape_repeat_the_last_one() -> None:
     """TensorFlow's rule for typed fields, e.g. a constant tensor sent as one value."""
-    from duoserve.backends.tfserving import decode_tensor
+    from duoserve.codecs.tensorproto import decode_tensor
 
     proto = tensor_pb2.TensorProto(dtype=tensor_pb2.DT_FLOAT, float_val=[7.0])
     proto.tensor_shape.dim.add(size=2)

@@ -9,17 +9,16 @@ import numpy as np
 import orjson
 import pytest
 
+from duoserve.codecs import v2 as v2_codec
+from duoserve.codecs.v2 import binary_bytes, decode_v2_request, encode_v2_response
 from duoserve.config import ModelConfig
 from duoserve.errors import BadRequest
-from duoserve.frontends import v2 as v2_frontend
-from duoserve.frontends.v2 import decode_v2_request, encode_v2_response
 from duoserve.tensors import (
     V2_TO_NUMPY,
     InferenceRequest,
     InferenceResponse,
     RequestedOutput,
     Tensor,
-    binary_bytes,
 )
 
 DATATYPES = list(V2_TO_NUMPY)
@@ -294,7 +293,7 @@ def test_element_count_above_the_model_bound_is_checked_before_parsing(
     def must_not_build(*args: Any, **kwargs: Any) -> np.ndarray:
         raise AssertionError("an array was built for an oversized input")
 
-    monkeypatch.setattr(v2_frontend, "array_from_json", must_not_build)
+    monkeypatch.setattr(v2_codec, "array_from_json", must_not_build)
     # 17 rows of 8x8 where the model takes at most 16.
     message = _bad(_single([17, 8, 8], [0.0] * 10, name="pixels"), DIGITS)
     assert "1088 elements" in message

@@ -35,7 +35,6 @@ __all__ = [
     "PROBE_TIMEOUT_S",
     "HTTPPool",
     "Reply",
-    "binary_headers",
     "call",
     "http_endpoints",
     "server_message",
@@ -44,14 +43,6 @@ __all__ = [
 
 # Readiness and metadata calls: short, whatever the backend's inference timeout.
 PROBE_TIMEOUT_S = 2.0
-
-
-def binary_headers(header_length: int) -> dict[str, str]:
-    """Request headers of a body in the binary tensor extension (JSON header, then bytes)."""
-    return {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(header_length),
-    }
 
 
 async def call(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
 import orjson
 
 from duoserve.backends.endpoints import ReplicatedBackend, Resolver, resolve_host
@@ -29,11 +28,12 @@ from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
-    binary_headers,
     call,
     http_endpoints,
     status_error,
 )
+from duoserve.codecs.torchserve import json_body
+from duoserve.codecs.v2 import binary_headers, binary_request, decode_v2_response
 from duoserve.config import TorchServeBackendConfig
 from duoserve.errors import (
     DuoServeError,
@@ -41,14 +41,7 @@ from duoserve.errors import (
 )
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
-from duoserve.tensors import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    binary_request,
-    json_tensor,
-    numpy_dtype,
-)
+from duoserve.tensors import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +77,6 @@ def _message(raw: bytes) -> str:
 # text; send JSON" or "... is not valid JSON (...); send JSON" (DuoServe's handler before it
 # read the binary extension).
 _JSON_ONLY_HANDLER = b"; send JSON"
-
-
-def json_body(request: InferenceRequest) -> bytes:
-    """The V2-style JSON body the handler reads: data as flat lists."""
-    return orjson.dumps(
-        {"inputs": [json_tensor(t) for t in request.inputs]}, option=orjson.OPT_SERIALIZE_NUMPY
-    )
 
 
 class TorchServeBackend(ReplicatedBackend[HTTPPool]):
@@ -217,27 +203,16 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
 
     def _decode(self, raw: bytes, request: InferenceRequest) -> InferenceResponse:
         try:
-            doc = orjson.loads(raw)
-            outputs = [
-                Tensor(
-                    o["name"],
-                    np.asarray(o["data"], dtype=numpy_dtype(o["datatype"])).reshape(o["shape"]),
-                    o["datatype"],
-                )
-                for o in doc["outputs"]
-            ]
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DuoServeError) as error:
+            response = decode_v2_response(raw, None, request)
+        except (KeyError, TypeError, ValueError, AttributeError, DuoServeError) as error:
             log.warning("backend %s: unexpected TorchServe answer: %r", self.name, error)
             raise UpstreamError(
                 "TorchServe answered in a format the gateway does not understand; "
                 "is the model archived with services/torchserve/handler.py?"
             ) from None
-        return InferenceResponse(
-            model_name=request.model,
-            model_version=request.version,
-            outputs=outputs,
-            id=request.id,
-        )
+        # The version the call asked for, whatever the handler's answer says.
+        response.model_version = request.version
+        return response
 
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
 import orjson
 
 from duoserve.backends.endpoints import ReplicatedBackend, Resolver, resolve_host
@@ -34,35 +33,31 @@ from duoserve.backends.http import (
     PROBE_TIMEOUT_S,
     HTTPPool,
     Reply,
-    binary_headers,
     call,
     http_endpoints,
     server_message,
     status_error,
 )
+from duoserve.codecs.v2 import (
+    BINARY_EXTENSION,
+    HEADER_LENGTH,
+    decode_v2_response,
+    encode_v2_request,
+)
 from duoserve.config import V2BackendConfig
 from duoserve.errors import (
-    BadRequest,
     DuoServeError,
     UpstreamError,
     UpstreamTimeout,
 )
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
-from duoserve.tensors import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    binary_request,
-    numpy_dtype,
-    split_bytes_elements,
-)
+from duoserve.tensors import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
 
 WHAT = "Open Inference Protocol"
-BINARY_EXTENSION = "binary_tensor_data"
 
 
 @dataclass(slots=True)
@@ -191,22 +186,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
     def encode(self, request: InferenceRequest, binary: bool) -> tuple[bytes, dict[str, str]]:
         """The body and content headers of an infer call: JSON header + binary tensors (all
         outputs asked for in binary too), or plain V2 JSON."""
-        fields: dict[str, Any] = {}
-        if request.id is not None:
-            fields["id"] = request.id
-        if binary:
-            fields["parameters"] = {"binary_data_output": True}
-            if request.outputs:
-                fields["outputs"] = [
-                    {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
-                ]
-            body, header_length = binary_request(request.inputs, **fields)
-            return body, binary_headers(header_length)
-        if request.outputs:
-            fields["outputs"] = [{"name": o.name} for o in request.outputs]
-        fields["inputs"] = [_json_input(t) for t in request.inputs]
-        body = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
-        return body, {"Content-Type": "application/json"}
+        return encode_v2_request(request, binary)
 
     async def infer(
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
@@ -241,7 +221,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
                 )
         if reply.status != 200:
             raise self._status_error(reply.status, reply.body, request)
-        answer_split = reply.headers.get("inference-header-content-length")
+        answer_split = reply.headers.get(HEADER_LENGTH)
         return self._decode(reply.body, answer_split, request)
 
     async def _post(
@@ -268,38 +248,12 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
         self, raw: bytes, header_length: str | None, request: InferenceRequest
     ) -> InferenceResponse:
         try:
-            split = int(header_length) if header_length else len(raw)
-            doc = orjson.loads(raw[:split])
-            rest = memoryview(raw)[split:]
-            outputs = []
-            offset = 0
-            for item in doc["outputs"]:
-                dtype = numpy_dtype(item["datatype"])
-                shape = item["shape"]
-                size = (item.get("parameters") or {}).get("binary_data_size")
-                if size is not None:
-                    chunk = rest[offset : offset + size]
-                    offset += size
-                    if item["datatype"] == "BYTES":
-                        count = int(np.prod(shape)) if shape else 1
-                        array = split_bytes_elements(bytes(chunk), count, item["name"])
-                    else:
-                        array = np.frombuffer(chunk, dtype=dtype)
-                else:
-                    array = np.asarray(item["data"], dtype=dtype)
-                outputs.append(Tensor(item["name"], array.reshape(shape), item["datatype"]))
-        except (KeyError, TypeError, ValueError, DuoServeError) as error:
+            return decode_v2_response(raw, header_length, request)
+        except (KeyError, TypeError, ValueError, AttributeError, DuoServeError) as error:
             log.warning("backend %s: unexpected V2 answer: %r", self.name, error)
             raise UpstreamError(
                 "the V2 server answered in a format the gateway does not understand"
             ) from None
-        return InferenceResponse(
-            model_name=request.model,
-            model_version=doc.get("model_version"),
-            outputs=outputs,
-            id=request.id,
-            parameters={},
-        )
 
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
@@ -347,32 +301,6 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
             deadline=Deadline(PROBE_TIMEOUT_S),
             headers=self._auth,
         )
-
-
-def _json_input(tensor: Tensor) -> dict[str, Any]:
-    """An input as V2 JSON: flat ``data``, BYTES as text. What JSON cannot carry is refused
-    rather than changed: NaN and infinities (JSON has no such numbers; they would arrive as
-    null) and BYTES that are not UTF-8 text."""
-    data: Any
-    if tensor.datatype == "BYTES" or tensor.data.dtype.kind in ("O", "S"):
-        try:
-            data = [
-                v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
-                for v in tensor.data.ravel()
-            ]
-        except UnicodeDecodeError:
-            raise BadRequest(
-                f"input '{tensor.name}': a BYTES element is not UTF-8 text, which this model's "
-                "Open Inference Protocol server cannot take (it reads JSON only)"
-            ) from None
-    else:
-        data = np.ascontiguousarray(tensor.data.ravel())
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise BadRequest(
-                f"input '{tensor.name}' holds NaN or infinity, which this model's Open Inference "
-                "Protocol server cannot take (it reads JSON only)"
-            )
-    return {"name": tensor.name, "shape": tensor.shape, "datatype": tensor.datatype, "data": data}
 
 
 def _unreadable_body(reply: Reply) -> bool:
