@@ -346,7 +346,9 @@ def encode_v2_response(
     }
 
 
-def compare_outputs(response: InferenceResponse, request: InferenceRequest) -> list[dict[str, Any]]:
+def compare_report_outputs(
+    response: InferenceResponse, request: InferenceRequest
+) -> list[dict[str, Any]]:
     """One route's outputs in a compare report: V2 JSON entries whose data are plain lists
     (the report is serialised without numpy support)."""
     return [

@@ -16,7 +16,7 @@ from duoserve import __version__
 from duoserve.codecs.v2 import (
     BINARY_EXTENSION,
     HEADER_LENGTH,
-    compare_outputs,
+    compare_report_outputs,
     decode_v2_request,
     encode_v2_response,
     model_metadata,
@@ -256,5 +256,5 @@ async def compare(request: Request, model: str) -> Response:
     for entry in report["results"]:
         response = entry.pop("response", None)
         if response is not None:
-            entry["outputs"] = compare_outputs(response, decoded)
+            entry["outputs"] = compare_report_outputs(response, decoded)
     return json_response(report, headers={"x-request-id": request_id(headers)})
