@@ -8,9 +8,6 @@ import copy
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from duoserve.settings import Settings
 from tests.conftest import DIGITS_IO, STORE, v2_body
 from tests.servers import Gateway, TorchServe, http_get
 from tests.timing import eventually
+from tests.traffic import Traffic, gateway_from_file
 
 pytestmark = pytest.mark.integration
 
@@ -74,19 +72,8 @@ def gateway_config(all_backends: dict[str, Any], **weights: float) -> dict[str, 
     }
 
 
-@asynccontextmanager
-async def gateway_from_file(
-    path: Path, data: dict[str, Any]
-) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    path.write_text(yaml.safe_dump(data))
-    app = create_app(
-        Settings(config=str(path), config_poll_s=0.05, drain_grace_s=10),
-        registry=CollectorRegistry(),
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, app
+def gateway(path: Path, data: dict[str, Any]) -> Any:
+    return gateway_from_file(path, data, config_poll_s=0.05, drain_grace_s=10)
 
 
 def write(path: Path, data: dict[str, Any] | str) -> None:
@@ -96,30 +83,11 @@ def write(path: Path, data: dict[str, Any] | str) -> None:
     os.replace(tmp, path)
 
 
-class Traffic:
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
-        self.outcomes: Counter[tuple[int, str | None]] = Counter()
-        self.stop = False
-
-    async def run(self, concurrency: int = 6) -> None:
-        async def one() -> None:
-            while not self.stop:
-                # In process, a request that fails at once never suspends: let the loop run.
-                await asyncio.sleep(0)
-                answer = await self.client.post(
-                    "/v2/models/digits/infer",
-                    content=BODY,
-                    headers={"content-type": "application/json"},
-                )
-                backend = answer.headers.get("x-duoserve-backend")
-                self.outcomes[(answer.status_code, backend)] += 1
-
-        await asyncio.gather(*(one() for _ in range(concurrency)))
-
-
 async def test_twenty_reloads_under_load_fail_no_request(
-    torchserve: TorchServe, tfserving: Any, tmp_path: Path
+    torchserve: TorchServe,
+    tfserving: Any,
+    tmp_path: Path,
+    digits_samples: tuple[np.ndarray, np.ndarray],
 ) -> None:
     every = backends_of(torchserve, tfserving)
     path = tmp_path / "models.yaml"
@@ -130,12 +98,10 @@ async def test_twenty_reloads_under_load_fail_no_request(
         gateway_config(every, ts=50, **{"tfs-rest": 50}),  # one removed
         gateway_config(every, tfs=100, **{"tfs-rest": 1}),
     ]
-    async with gateway_from_file(path, versions[0]) as (client, app):
+    async with gateway(path, versions[0]) as (client, app):
         dataplane = app.state.gateway.dataplane
-        traffic = Traffic(client)
-        running = asyncio.create_task(traffic.run())
-        try:
-            await eventually(lambda: sum(traffic.outcomes.values()) > 50, "load under way")
+        async with Traffic([client], digits_samples[0]).running(6) as traffic:
+            await eventually(lambda: len(traffic.served) > 50, "load under way")
             for i in range(1, 21):
                 version = copy.deepcopy(versions[i % len(versions)])
                 version["models"]["digits"]["timeout_ms"] = 3000 + i  # every file differs
@@ -144,9 +110,9 @@ async def test_twenty_reloads_under_load_fail_no_request(
                     lambda i=i: dataplane.config.models["digits"].timeout_ms == 3000 + i,
                     f"reload {i}",
                 )
-                served = sum(traffic.outcomes.values())
+                served = len(traffic.served)
                 await eventually(
-                    lambda served=served: sum(traffic.outcomes.values()) > served + 20,
+                    lambda served=served: len(traffic.served) > served + 20,
                     f"traffic after reload {i}",
                 )
             # A bad file changes nothing: the last good configuration keeps serving.
@@ -154,19 +120,14 @@ async def test_twenty_reloads_under_load_fail_no_request(
             write(path, "backends: {}\nmodels: {digits: {routes: []}}\n")
             reloads = app.state.gateway.metrics.config_reloads
             await eventually(lambda: reloads.labels("error").value == 1, "the refusal")
-            served = sum(traffic.outcomes.values())
-            await eventually(
-                lambda: sum(traffic.outcomes.values()) > served + 50, "traffic after the refusal"
-            )
+            served = len(traffic.served)
+            await eventually(lambda: len(traffic.served) > served + 50, "traffic after the refusal")
             assert dataplane.plane is kept
-        finally:
-            traffic.stop = True
-            await running
         await dataplane.wait_drained()
         metrics = (await client.get("/metrics")).text
-    assert {status for status, _ in traffic.outcomes} == {200}, traffic.outcomes
+    assert traffic.statuses() == {200}
     # Every configuration served: all three backends answered at some point.
-    assert {backend for _, backend in traffic.outcomes} == {"ts", "tfs", "tfs-rest"}
+    assert {a.backend for a in traffic.served} == {"ts", "tfs", "tfs-rest"}
     assert metric(metrics, "duoserve_config_reloads_total", result="ok") == 20
     assert metric(metrics, "duoserve_config_reloads_total", result="error") == 1
 
@@ -176,7 +137,7 @@ async def test_unchanged_backends_keep_their_connections_and_circuits(
 ) -> None:
     every = backends_of(torchserve, tfserving)
     path = tmp_path / "models.yaml"
-    async with gateway_from_file(path, gateway_config(every, ts=1, tfs=1)) as (client, app):
+    async with gateway(path, gateway_config(every, ts=1, tfs=1)) as (client, app):
         dataplane = app.state.gateway.dataplane
         before = dict(dataplane.backends), dict(dataplane.guards)
         assert (await client.post("/v2/models/digits/infer", content=BODY)).status_code == 200
@@ -197,7 +158,7 @@ async def test_a_removed_backend_finishes_its_calls_in_flight(
 ) -> None:
     every = backends_of(torchserve, tfserving)
     path = tmp_path / "models.yaml"
-    async with gateway_from_file(path, gateway_config(every, tfs=1)) as (client, app):
+    async with gateway(path, gateway_config(every, tfs=1)) as (client, app):
         dataplane = app.state.gateway.dataplane
         old = dataplane.backends["tfs"]
         tfserving.set_delay(1500)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,13 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from duoserve.app import create_app
-from duoserve.settings import Settings
-from tests.conftest import DIGITS_IO, v2_body
+from tests.conftest import DIGITS_IO
 from tests.prometheus_fixture import start_prometheus
 from tests.servers import Gateway, TorchServe, http_get
 from tests.tfserving_standin.fixture import StandinHandle, start_standin, write_model_config
 from tests.timing import eventually
+from tests.traffic import Traffic, gateway_from_file
 
 pytestmark = pytest.mark.integration
 
@@ -90,42 +87,6 @@ def rollout(model: str = "digits", **extra: Any) -> dict[str, Any]:
     return block
 
 
-@asynccontextmanager
-async def gateway(path: Path, data: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    path.write_text(yaml.safe_dump(data))
-    app = create_app(Settings(config=str(path)), registry=CollectorRegistry())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, app
-
-
-class Traffic:
-    """Held-out digits sent until stopped: (time, framework that served, status) each."""
-
-    def __init__(self, clients: list[httpx.AsyncClient], images: np.ndarray) -> None:
-        self.clients = clients
-        self.images = images
-        self.served: list[tuple[float, str | None, int]] = []
-        self.stop = False
-
-    async def run(self, concurrency: int = 4) -> None:
-        async def one(k: int) -> None:
-            client = self.clients[k % len(self.clients)]
-            i = k
-            while not self.stop:
-                # In process, a request that fails at once never suspends: let the loop run.
-                await asyncio.sleep(0)
-                image = self.images[i % len(self.images)][None]
-                i += concurrency
-                sent = time.time()  # routing is decided as a request starts
-                answer = await client.post("/v2/models/digits/infer", json=v2_body(image))
-                framework = answer.headers.get("x-duoserve-framework")
-                self.served.append((sent, framework, answer.status_code))
-
-        await asyncio.gather(*(one(k) for k in range(concurrency)))
-
-
 def status_of(app: Any) -> dict[str, Any]:
     result: dict[str, Any] = app.state.gateway.dataplane.rollout("digits").status()
     return result
@@ -141,17 +102,12 @@ async def roll(
 ) -> tuple[dict[str, Any], Traffic]:
     """Run a gateway on ``data`` under traffic until its rollout reaches phase ``until`` (and
     ``linger_s`` longer)."""
-    async with gateway(path, data) as (client, app):
-        traffic = Traffic([client], images)
-        running = asyncio.create_task(traffic.run())
-        try:
+    async with gateway_from_file(path, data) as (client, app):
+        async with Traffic([client], images).running() as traffic:
             if then is not None:
                 await then(app, traffic)
             await eventually(lambda: status_of(app)["phase"] == until, f"phase {until}", 90)
             await asyncio.sleep(linger_s)
-        finally:
-            traffic.stop = True
-            await running
         return status_of(app), traffic
 
 
@@ -170,8 +126,8 @@ async def test_a_disagreeing_target_never_answers_a_user(
     assert decision["decision"] == "rollback"
     failed = {name for name, gate in decision["gates"].items() if gate["state"] == "failed"}
     assert failed & {"min_agreement", "max_abs_diff"}, decision
-    assert {fw for _, fw, _ in traffic.served} == {"pytorch"}  # no user saw the target
-    assert {code for _, _, code in traffic.served} == {200}
+    assert set(traffic.frameworks()) == {"pytorch"}  # no user saw the target
+    assert traffic.statuses() == {200}
 
 
 async def test_a_slower_target_fails_the_latency_gate(
@@ -207,7 +163,7 @@ async def test_a_slower_target_fails_the_latency_gate(
     assert gate["state"] == "failed" and gate["value"] > gate["threshold"], gate
     assert "max_p99_ratio" in decision["reason"]
     # Users were served by the current route only (the target got copies).
-    assert {code for _, _, code in traffic.served} == {200}
+    assert traffic.statuses() == {200}
 
 
 async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluation(
@@ -231,7 +187,7 @@ async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluatio
         async def kill_in_step(app: Any, traffic: Traffic) -> None:
             await eventually(lambda: status_of(app)["phase"] == "step", "the first step", 60)
             await eventually(
-                lambda: sum(fw == "tensorflow" for _, fw, _ in traffic.served) > 5,
+                lambda: traffic.frameworks().count("tensorflow") > 5,
                 "users served by the target",
             )
             share.append(status_of(app)["target_weight"])
@@ -255,11 +211,11 @@ async def test_a_target_that_dies_mid_rollout_is_rolled_back_within_an_evaluatio
     # errors began (the first may have fallen just before them, its numbers read just after).
     rolled_back_at = seconds(rollback["at"])
     assert killed[0] - 0.5 < rolled_back_at <= killed[0] + 0.5 + 0.5
-    window = [(fw, code) for at, fw, code in traffic.served if killed[0] <= at <= rolled_back_at]
-    errors = sum(code != 200 for _, code in window)
+    window = [a for a in traffic.served if killed[0] <= a.sent <= rolled_back_at]
+    errors = sum(a.status != 200 for a in window)
     assert share == [20]
     assert errors <= share[0] / 100 * len(window) + 3, (errors, len(window))
-    after = [code for at, _, code in traffic.served if at > rolled_back_at + 0.6]
+    after = [a.status for a in traffic.served if a.sent > rolled_back_at + 0.6]
     assert after and set(after) == {200}
 
 
@@ -299,9 +255,7 @@ def test_two_replicas_reading_one_prometheus_decide_alike(
         async def drive() -> Traffic:
             async with httpx.AsyncClient(base_url=replicas[0].url, timeout=30) as one:
                 async with httpx.AsyncClient(base_url=replicas[1].url, timeout=30) as two:
-                    traffic = Traffic([one, two], digits_samples[0])
-                    running = asyncio.create_task(traffic.run())
-                    try:
+                    async with Traffic([one, two], digits_samples[0]).running() as traffic:
                         deadline = time.monotonic() + 120
                         while not all(
                             metric_value(r.url, "duoserve_rollout_phase", phase="done") == 1
@@ -309,9 +263,6 @@ def test_two_replicas_reading_one_prometheus_decide_alike(
                         ):
                             assert time.monotonic() < deadline, "the rollout did not finish"
                             await asyncio.sleep(0.5)
-                    finally:
-                        traffic.stop = True
-                        await running
                     return traffic
 
         traffic = asyncio.run(drive())
@@ -327,6 +278,6 @@ def test_two_replicas_reading_one_prometheus_decide_alike(
     decisions = [[(d["at"], d["decision"], d["step"]) for d in h] for h in histories]
     assert decisions[0] == decisions[1], decisions
     assert [d[1] for d in decisions[0]] == ["advance", "advance", "done"]
-    assert {code for _, _, code in traffic.served} == {200}
-    counts = Counter(fw for _, fw, _ in traffic.served)
+    assert traffic.statuses() == {200}
+    counts = Counter(traffic.frameworks())
     assert counts["tensorflow"] > 0 and counts["pytorch"] > 0

@@ -8,24 +8,19 @@ import asyncio
 import copy
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from duoserve.app import create_app
 from duoserve.config import ConfigError, RolloutConfig, parse_config
 from duoserve.rollout import Numbers, bucket_quantile, judge
-from duoserve.settings import Settings
-from tests.conftest import DIGITS_IO, STORE, v2_body
+from tests.conftest import DIGITS_IO, STORE
 from tests.timing import eventually
+from tests.traffic import Traffic, gateway_from_file
 
 
 def rfc3339(at: float) -> str:
@@ -172,42 +167,8 @@ def test_a_target_that_is_already_a_route_or_a_shadow_beside_it_is_refused() -> 
 # -- whole rollouts, in process -------------------------------------------------------------
 
 
-@asynccontextmanager
-async def gateway_from_file(
-    path: Path, data: dict[str, Any]
-) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    path.write_text(yaml.safe_dump(data))
-    app = create_app(Settings(config=str(path), config_poll_s=0.1), registry=CollectorRegistry())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, app
-
-
-class Traffic:
-    """Clients sending held-out digits until stopped; who served each, and when."""
-
-    def __init__(self, client: httpx.AsyncClient, images: np.ndarray) -> None:
-        self.client = client
-        self.images = images
-        self.served: list[tuple[float, str | None, int]] = []
-        self.stop = False
-
-    async def run(self, concurrency: int = 4) -> None:
-        async def one(offset: int) -> None:
-            i = offset
-            while not self.stop:
-                # In process, a request that fails at once never suspends: let the loop run.
-                await asyncio.sleep(0)
-                image = self.images[i % len(self.images)][None]
-                i += concurrency
-                sent = time.time()  # routing is decided as a request starts
-                answer = await self.client.post("/v2/models/digits/infer", json=v2_body(image))
-                self.served.append(
-                    (sent, answer.headers.get("x-duoserve-framework"), answer.status_code)
-                )
-
-        await asyncio.gather(*(one(k) for k in range(concurrency)))
+def gateway(path: Path, data: dict[str, Any]) -> Any:
+    return gateway_from_file(path, data, config_poll_s=0.1)
 
 
 def status_of(app: Any) -> dict[str, Any]:
@@ -218,19 +179,11 @@ def status_of(app: Any) -> dict[str, Any]:
 async def test_a_rollout_between_twins_reaches_done_step_by_step(
     tmp_path: Path, digits_samples: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    async with gateway_from_file(tmp_path / "models.yaml", config(rollout_block())) as (
-        client,
-        app,
-    ):
-        traffic = Traffic(client, digits_samples[0])
-        running = asyncio.create_task(traffic.run())
-        try:
+    async with gateway(tmp_path / "models.yaml", config(rollout_block())) as (client, app):
+        async with Traffic([client], digits_samples[0]).running() as traffic:
             await eventually(lambda: status_of(app)["phase"] == "done", "the rollout's end", 60)
-        finally:
-            traffic.stop = True
-            await running
         status = status_of(app)
-    assert {code for _, _, code in traffic.served} == {200}
+    assert traffic.statuses() == {200}
     decisions = [(d["decision"], d["step"]) for d in status["history"]]
     assert [d for d, _ in decisions] == ["advance", "advance", "advance", "done"], decisions
     assert status["target_weight"] == 100
@@ -239,12 +192,12 @@ async def test_a_rollout_between_twins_reaches_done_step_by_step(
     begins = [datetime.fromisoformat(d["at"]).timestamp() for d in status["history"]]
     phases = list(zip(begins, begins[1:], [25, 50, 100], strict=False))
     for start, end, percent in phases:
-        served = [fw for at, fw, _ in traffic.served if start + 0.05 < at < end - 0.05]
+        served = traffic.frameworks(start + 0.05, end - 0.05)
         share = Counter(served)["pytorch"] / len(served)
         bound = 3 * (percent / 100 * (1 - percent / 100) / len(served)) ** 0.5 + 0.02
         assert abs(share - percent / 100) <= bound, (percent, share, len(served))
     # Before the first step only TensorFlow answered users.
-    assert {fw for at, fw, _ in traffic.served if at < begins[0] - 0.05} == {"tensorflow"}
+    assert set(traffic.frameworks(until=begins[0] - 0.05)) == {"tensorflow"}
 
 
 async def test_a_rollout_to_a_disagreeing_model_stops_before_any_user_sees_it(
@@ -254,16 +207,11 @@ async def test_a_rollout_to_a_disagreeing_model_stops_before_any_user_sees_it(
         to={"backend": "local", "framework": "pytorch", "model": "digits-perturbed"},
         shadow={"sample": 1.0, "min_requests": 200},
     )
-    async with gateway_from_file(tmp_path / "models.yaml", config(perturbed)) as (client, app):
-        traffic = Traffic(client, digits_samples[0])
-        running = asyncio.create_task(traffic.run())
-        try:
+    async with gateway(tmp_path / "models.yaml", config(perturbed)) as (client, app):
+        async with Traffic([client], digits_samples[0]).running() as traffic:
             await eventually(lambda: status_of(app)["phase"] == "rolled_back", "the rollback", 60)
             rolled_back_at = time.time()
             await asyncio.sleep(1.5)  # several evaluation points later: still rolled back
-        finally:
-            traffic.stop = True
-            await running
         status = status_of(app)
     assert status["phase"] == "rolled_back" and status["target_weight"] == 0
     (decision,) = status["history"]
@@ -271,9 +219,9 @@ async def test_a_rollout_to_a_disagreeing_model_stops_before_any_user_sees_it(
     failed = {name for name, gate in decision["gates"].items() if gate["state"] == "failed"}
     assert failed & {"min_agreement", "max_abs_diff"}, decision
     assert "differed" in decision["reason"] or "agreement" in decision["reason"]
-    assert {fw for _, fw, _ in traffic.served} == {"tensorflow"}
-    assert {code for _, _, code in traffic.served} == {200}
-    assert any(at > rolled_back_at for at, _, _ in traffic.served)
+    assert set(traffic.frameworks()) == {"tensorflow"}
+    assert traffic.statuses() == {200}
+    assert traffic.frameworks(since=rolled_back_at)
 
 
 async def test_a_rolled_back_rollout_stays_so_until_its_block_changes(
@@ -286,10 +234,8 @@ async def test_a_rolled_back_rollout_stays_so_until_its_block_changes(
             shadow={"sample": 1.0, "min_requests": 200},
         )
     )
-    async with gateway_from_file(path, bad) as (client, app):
-        traffic = Traffic(client, digits_samples[0])
-        running = asyncio.create_task(traffic.run())
-        try:
+    async with gateway(path, bad) as (client, app):
+        async with Traffic([client], digits_samples[0]).running() as traffic:
             await eventually(lambda: status_of(app)["phase"] == "rolled_back", "rollback", 60)
             first = status_of(app)["rollout"]
             # Another part of the file changes: the rollout is the same and stays rolled back.
@@ -307,7 +253,4 @@ async def test_a_rolled_back_rollout_stays_so_until_its_block_changes(
             path.write_text(yaml.safe_dump(fixed))
             await eventually(lambda: status_of(app)["rollout"] != first, "the new rollout", 10)
             await eventually(lambda: status_of(app)["phase"] == "done", "the new rollout's end", 60)
-        finally:
-            traffic.stop = True
-            await running
-    assert {code for _, _, code in traffic.served} == {200}
+    assert traffic.statuses() == {200}

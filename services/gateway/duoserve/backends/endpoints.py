@@ -41,6 +41,7 @@ import math
 import random
 import socket
 import time
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Generic, TypeVar
 
@@ -50,6 +51,8 @@ from duoserve.backends.base import Backend
 from duoserve.config import OutlierConfig
 from duoserve.errors import DuoServeError, Overloaded, Unavailable, UpstreamError, UpstreamTimeout
 from duoserve.metrics import Metrics
+from duoserve.resilience import Deadline
+from duoserve.tensors import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -539,9 +542,23 @@ class EndpointSet(Generic[T]):
 
 
 class ReplicatedBackend(Backend, Generic[T]):
-    """A remote backend whose calls go through an :class:`EndpointSet`."""
+    """A remote backend whose calls go through an :class:`EndpointSet`: it says how to run one
+    inference on one replica's transport (``infer_on``), the set picks the replica."""
 
     endpoints: EndpointSet[T]
+
+    async def infer(
+        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        return await self.endpoints.call(
+            lambda transport: self.infer_on(transport, request, deadline), avoid
+        )
+
+    @abstractmethod
+    async def infer_on(
+        self, transport: T, request: InferenceRequest, deadline: Deadline
+    ) -> InferenceResponse:
+        """One inference on the replica behind ``transport``."""
 
     async def start(self) -> None:
         await self.endpoints.start()

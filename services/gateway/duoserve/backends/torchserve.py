@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -134,14 +133,7 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
         self._auth_header = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         return self._auth_header
 
-    async def infer(
-        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
-    ) -> InferenceResponse:
-        return await self.endpoints.call(
-            lambda pool: self._infer_on(pool, request, deadline), avoid
-        )
-
-    async def _infer_on(
+    async def infer_on(
         self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
     ) -> InferenceResponse:
         path = f"/predictions/{quote(request.model, safe='')}"

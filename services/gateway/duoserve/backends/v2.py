@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import weakref
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -188,14 +187,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
         outputs asked for in binary too), or plain V2 JSON."""
         return encode_v2_request(request, binary)
 
-    async def infer(
-        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
-    ) -> InferenceResponse:
-        return await self.endpoints.call(
-            lambda pool: self._infer_on(pool, request, deadline), avoid
-        )
-
-    async def _infer_on(
+    async def infer_on(
         self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
     ) -> InferenceResponse:
         binary = await self._binary_on(pool, deadline)

@@ -3,7 +3,6 @@ gRPC (:mod:`.grpc_api`) or REST (:mod:`.rest_api`), for predictions, status and 
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any, Protocol, TypeVar
 
 from duoserve.backends.endpoints import (
@@ -95,13 +94,10 @@ class TFServingBackend(ReplicatedBackend[Any]):
         """The signature models.yaml declares: names a REST answer's lone output if need be."""
         self._declared.setdefault(model, list(outputs))
 
-    async def infer(
-        self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
+    async def infer_on(
+        self, replica: Any, request: InferenceRequest, deadline: Deadline
     ) -> InferenceResponse:
-        api = self.api
-        return await self.endpoints.call(
-            lambda replica: api.infer(replica, request, deadline), avoid
-        )
+        return await self.api.infer(replica, request, deadline)
 
     async def ready(
         self, model: str, version: str | None = None, *, framework: str | None = None
