@@ -266,6 +266,12 @@ def test_serve_refuses_a_bad_config_or_keys_file_before_it_listens(
     result = duoserve(*serve, str(good), env={"DUOSERVE_API_KEYS_FILE": str(keys)})
     assert result.returncode == 2
     assert "keys.0" in one_line(result) and "sha256" in result.stderr
+    # More than one worker: refused with what to do instead, whether by flag or env.
+    for flag, env in ((("--workers", "4"), {}), ((), {"DUOSERVE_WORKERS": "2"})):
+        result = duoserve(*serve, str(good), *flag, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "DUOSERVE_WORKERS" in result.stderr and "replicas" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_compare_shows_both_frameworks_and_how_far_they_agree(

@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="models.yaml (env DUOSERVE_CONFIG)")
     serve.add_argument("--host", help="listen address (env DUOSERVE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (env DUOSERVE_PORT, default 8000)")
-    serve.add_argument("--workers", type=int, help="worker processes (env DUOSERVE_WORKERS)")
+    serve.add_argument(
+        "--workers", type=int, help="1, the only value (scale with replicas; env DUOSERVE_WORKERS)"
+    )
     serve.add_argument(
         "--root-path",
         help="URL path prefix the gateway is served below, e.g. /ml behind an ingress path; "

@@ -24,8 +24,12 @@ class Settings(BaseSettings):
     error shapes apply to the path below it, and /docs and /openapi.json are served below it.
     It replaces any root path the ASGI server passes (``uvicorn --root-path``). Its first
     segment must not be one of the gateway's own (v1, v2, predictions, ping, metrics, docs)."""
-    workers: int = Field(default=1, ge=1, le=64)
-    """uvicorn worker processes."""
+    workers: int = Field(default=1, ge=1)
+    """Worker processes: 1, the only value accepted. Every worker keeps its own metrics, load
+    limits, circuit breakers, rollout state and backend connections, and a scrape of a port that
+    several workers share reads one of them at random, so the counters a dashboard or a rollout
+    gate sums would be wrong. Scale with gateway replicas (Kubernetes pods), each scraped on its
+    own."""
     server_name: str = "duoserve"
     """Name reported by GET /v2."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
@@ -77,6 +81,18 @@ class Settings(BaseSettings):
     calls a replica had in flight when it died to be retried on the others at once."""
     log_level: str = "info"
     """uvicorn log level."""
+
+    @field_validator("workers")
+    @classmethod
+    def _one_worker(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(
+                f"DUOSERVE_WORKERS={value}: the gateway runs one worker per process, because each "
+                "worker would keep its own metrics and a scrape would read one worker's counters. "
+                "Run more gateway replicas instead (Kubernetes pods behind the Service, each "
+                "scraped on its own); set DUOSERVE_WORKERS=1 or leave it unset"
+            )
+        return value
 
     @field_validator("root_path")
     @classmethod
