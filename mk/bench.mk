@@ -1,15 +1,23 @@
 # `make bench`: the reference benchmark (bench/reference.py) on this machine. It starts real
 # TorchServe, the TF Serving stand-in and gateway subprocesses, measures the gateway against the
 # backends called directly (interleaved), then the embedded backend with and without
-# micro-batching; results go to bench-results/ and the generated section of BENCHMARKS.md.
+# micro-batching; then the scale-out and proxy-cost (gateway beside nginx) benchmarks. Results go
+# to bench-results/ and the generated sections of BENCHMARKS.md.
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--model resnet" or "--torchserve-batching".
 BENCH_ARGS ?=
 
-.PHONY: bench bench-floor bench-scale-out
+.PHONY: bench bench-floor bench-scale-out bench-proxy
 
 bench: setup models
 	$(PY) bench/reference.py --out bench-results --markdown BENCHMARKS.md $(BENCH_ARGS)
 	$(PY) bench/scale_out.py --out bench-results --markdown BENCHMARKS.md
+	$(PY) bench/proxy_cost.py --out bench-results --markdown BENCHMARKS.md
+
+# The gateway beside nginx (one worker, upstream keep-alive), both in front of one real
+# TorchServe, wrk as the client: c=1 latency, c=8 throughput, each proxy's CPU per request.
+# Needs nginx and wrk (Debian: nginx-light, wrk).
+bench-proxy: setup models
+	$(PY) bench/proxy_cost.py --out bench-results --markdown BENCHMARKS.md
 
 # One gateway in front of 1, 2 and 3 latency-bound backend replicas; and the gateway's CPU per
 # request in front of one backend, HEAD against the revision before replica sets (same run).
