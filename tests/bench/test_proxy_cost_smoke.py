@@ -1,0 +1,67 @@
+"""bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx and the gateway,
+wrk as the client; every side answers 2xx only and lands in the table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import proxy_cost
+from tests.servers import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_path: Path) -> None:
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "proxy_cost.py"),
+            "--rounds",
+            "1",
+            "--segment",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--markdown",
+            str(markdown),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sides = [proxy_cost.DIRECT, proxy_cost.NGINX, *proxy_cost.GATEWAY_SIDES]
+    for side in sides:
+        assert side in result.stdout  # the terminal table
+    report = json.loads((tmp_path / "out" / "proxy-cost.json").read_text())
+    assert report["machine"]["loadavg_1_5_15"] and report["loadavg_after"]
+    assert list(report["sides"]) == sides
+    for side in sides:
+        for level in ("1", "8"):
+            row = report["sides"][side][level]
+            assert row["requests"] > 0 and row["rps"] > 0, (side, level)
+            assert row["non_2xx"] == 0 and row["socket_errors"] == 0, (side, level)
+            assert 0 < row["p50_ms"] <= row["p99_ms"], (side, level)
+            assert row["torchserve_cpu_ms_per_request"] > 0
+            if side == proxy_cost.DIRECT:
+                assert row["proxy_cpu_ms_per_request"] is None
+            else:  # nginx (master and worker) or the gateway: measured from /proc
+                assert row["proxy_cpu_ms_per_request"] is not None
+                assert row["proxy_cpu_ms_per_request"] >= 0
+    assert [r["side"] for r in report["table"]] == sides
+    assert report["table"][0]["x_direct"] == 1.0
+    assert len(report["targets"]) == 3 * len(proxy_cost.GATEWAY_SIDES)
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    text = markdown.read_text()
+    assert text.count(proxy_cost.BEGIN) == 1 and text.count(proxy_cost.END) == 1
+    for side in sides:
+        assert f"| {side} |" in text
