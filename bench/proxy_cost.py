@@ -473,6 +473,7 @@ def text_table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     low, high = min(result["levels"]), max(result["levels"])
+    ts = ", ".join(f"{k} {v}" for k, v in result["torchserve_options"].items())
     lines = [
         BEGIN,
         "",
@@ -480,9 +481,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"run {m['loadavg_1_5_15']}, after {result['loadavg_after']}. Model `{result['model']}`, "
         f"1 row per request; wrk ({result['wrk']}, one thread) closed loop, "
         f"{result['rounds']} interleaved rounds of {result['segment_s']} s per side and level; "
-        f"TorchServe with {result['torchserve_options']} (services/torchserve/config.properties),"
-        " nginx with one worker and upstream keep-alive. Latency: median of the rounds' wrk "
-        "percentiles. CPU per request at "
+        f"TorchServe as services/torchserve/config.properties has it ({ts}, one intra-op "
+        "thread per worker), nginx with one worker and upstream keep-alive. Latency: median "
+        "of the rounds' wrk percentiles. CPU per request at "
         f"c={high}: utime + stime from /proc over the segments, divided by the requests "
         "completed (nginx: master and worker; the gateway: its process; TorchServe: frontend "
         "and workers). Every answer was a 2xx. Numbers from this shared machine are noisy: "
