@@ -135,6 +135,10 @@ http {{
     access_log off;
 {temps}
     client_max_body_size 32m;
+    # Bodies stay in memory: run as root, nginx's worker is nobody, and the temp paths sit in
+    # the caller's private temporary directory.
+    client_body_buffer_size 1m;
+    proxy_max_temp_file_size 0;
     upstream torchserve {{
         server {host_port};
         keepalive 32;
@@ -168,8 +172,6 @@ class Nginx:
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Run as root, nginx's worker drops to nobody: it must reach its temp paths.
-        self.directory.chmod(0o755)
         conf = nginx_config(self.directory, self.port, self.upstream)
         log = self.directory / "nginx.out"
         with open(log, "ab") as out:
