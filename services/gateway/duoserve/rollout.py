@@ -287,15 +287,20 @@ class PrometheusGates:
 @dataclass
 class Decision:
     at: float
+    """The evaluation point the decision is for (on the grid every replica shares)."""
     phase: str
     step: int
     decision: str  # advance | rollback | done | join
     reason: str
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    taken_at: float = 0.0
+    """When this replica took it and its routing changed: after ``at`` by the settle time and
+    the tick, more when the process is busy."""
 
     def as_json(self) -> dict[str, Any]:
         return {
             "at": _rfc3339(self.at),
+            "taken_at": _rfc3339(self.taken_at),
             "phase": self.phase,
             "step": self.step,
             "decision": self.decision,
@@ -485,7 +490,13 @@ class Rollout:
     def _decide(self, at: float, decision: str, reason: str, gates: list[Gate]) -> None:
         self.history.append(
             Decision(
-                at, self.phase, self.step, decision, reason, {g.name: g.as_json() for g in gates}
+                at,
+                self.phase,
+                self.step,
+                decision,
+                reason,
+                {g.name: g.as_json() for g in gates},
+                taken_at=self.clock(),
             )
         )
         del self.history[:-HISTORY_LIMIT]
