@@ -271,18 +271,3 @@ def test_connections_past_the_cap_get_503_at_once_until_idle_ones_time_out(
     assert refused_now - refused_before == len(refused) + 1  # the late client too
     timeouts_now = counter(guarded.url, "duoserve_client_timeouts_total", "head")
     assert timeouts_now - timeouts_before == accepted
-
-
-def test_several_workers_hold_slow_clients_to_the_same_deadlines(
-    model_store: Path, tmp_path: Path
-) -> None:
-    server = start(tmp_path, model_store, "--workers", "2")
-    try:
-        with NormalClient(server.url) as normal:
-            with connect(server) as slow:
-                slow.sendall(f"POST {INFER} HTTP/1.1\r\nHost: gateway\r\n".encode())
-                status, _, _ = status_and_body(answer_of(slow, HEAD_S + MARGIN_S))
-                assert status == 408
-        normal.served_throughout()
-    finally:
-        server.stop()
