@@ -82,7 +82,8 @@ def test_gateway_image_is_multi_stage_and_carries_no_framework() -> None:
     steps = instructions(DOCKERFILES["gateway"])
     assert sum(word == "FROM" for word, _ in steps) >= 2
     installs = " ".join(rest for word, rest in steps if word == "RUN")
-    assert "pip install ." in installs
+    # The gateway and its tracing extra (OpenTelemetry), so OTEL_EXPORTER_OTLP_ENDPOINT works.
+    assert "pip install '.[tracing]'" in installs
     assert not re.search(r"torch|tensorflow|\[(models|dev|torch|tensorflow|bench)\]", installs)
     command = " ".join(rest for word, rest in final_stage(DOCKERFILES["gateway"]) if word == "CMD")
     # One worker per container: the gateway refuses more (its metrics are per process).

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -32,11 +33,13 @@ from duoserve.drain import Drain, DrainMiddleware, chain_uvicorn_signals
 from duoserve.errors import DuoServeError
 from duoserve.frontends import tfserving, torchserve, v2
 from duoserve.frontends.http import JSON, Gateway, error_json, gateway_of
+from duoserve.logs import AccessLog
 from duoserve.metrics import Metrics
 from duoserve.reloader import ConfigReloader
 from duoserve.resilience import CancelOnDisconnect, RetryBudget
 from duoserve.routes import FrontDoor, Handler, Kind, RouteTable
 from duoserve.settings import Settings
+from duoserve.tracing import tracing_from_env
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +276,8 @@ def create_app(
     )
     # Read at build time so a bad keys file stops the gateway before it listens.
     keys = KeyRing.load(settings.api_keys_file) if settings.api_keys_file else None
+    # OTEL_* (off unless an OTLP endpoint is set); JSON logs want each request's ids too.
+    tracing = tracing_from_env(os.environ, metrics, logs=settings.log_format == "json")
     drain = Drain(settings.drain_delay_s)
 
     reloader = ConfigReloader(
@@ -286,6 +291,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        if tracing is not None:
+            tracing.start_export()
         await asyncio.gather(*(backend.start() for backend in dataplane.backends.values()))
         loop = asyncio.get_running_loop()
         tasks = [
@@ -315,11 +322,15 @@ def create_app(
                 *(backend.close() for backend in dataplane.backends.values()),
                 return_exceptions=True,
             )
+            if tracing is not None:
+                # The spans still queued, for at most 5 s: a collector that is down does not
+                # hold the shutdown.
+                await asyncio.to_thread(tracing.shutdown, 5.0)
 
     app, routes = _routed_app(settings.root_path, lifespan)
     guard = ConnectionGuard.from_settings(settings, metrics, routes.error_body)
     app.state.settings = settings
-    app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes, routes)
+    app.state.gateway = Gateway(dataplane, metrics, settings.max_body_bytes, routes, tracing)
     app.state.drain = drain
 
     @app.exception_handler(ClientDisconnect)
@@ -373,5 +384,7 @@ def create_app(
             open_metrics=settings.open_metrics,
             on_rate_limited=rate_limited,
         )
+    if settings.access_log and settings.log_format == "json":
+        entry = AccessLog(entry)  # outermost: refused and unauthorised requests are logged too
     app.entry = entry
     return app

@@ -24,17 +24,21 @@ def _serve(args: argparse.Namespace) -> int:
         "DUOSERVE_PORT": None if args.port is None else str(args.port),
         "DUOSERVE_WORKERS": None if args.workers is None else str(args.workers),
         "DUOSERVE_ROOT_PATH": args.root_path,
+        "DUOSERVE_ACCESS_LOG": "true" if args.access_log else None,
     }
     for key, value in overrides.items():
         if value is not None:
             os.environ[key] = value  # workers (separate processes) read settings from env
     from duoserve.app import check_root_path
+    from duoserve.logs import logging_config
     from duoserve.settings import Settings
+    from duoserve.tracing import check_tracing
 
     try:
         settings = Settings()
         check_root_path(settings.root_path)
         load_config(settings.config)  # fail fast, before any worker starts
+        check_tracing(os.environ)
     except (ConfigError, ValueError) as error:  # pydantic's ValidationError is a ValueError
         print(error, file=sys.stderr)
         return 2
@@ -46,9 +50,20 @@ def _serve(args: argparse.Namespace) -> int:
         except KeyFileError as error:
             print(error, file=sys.stderr)
             return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    # JSON lines: one configuration for this process and every worker (uvicorn applies it in
+    # each); text: uvicorn's own formats, as before.
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config: dict[str, Any] = LOGGING_CONFIG
+    if settings.log_format == "json":
+        from logging.config import dictConfig
+
+        log_config = logging_config("json", settings.log_level)
+        dictConfig(log_config)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
     _check_open_file_limit(settings.max_connections)
     from duoserve.connections import GuardedHttpToolsProtocol
 
@@ -63,7 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
         http=GuardedHttpToolsProtocol,
         ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
         log_level=settings.log_level,
-        access_log=args.access_log,
+        # In JSON the gateway writes its own access log (duoserve.logs.AccessLog).
+        access_log=settings.access_log and settings.log_format == "text",
+        log_config=log_config,
         # After SIGTERM and the drain delay (duoserve.drain): how long in-flight requests get.
         # 0 means none (not "forever", which uvicorn's None would be).
         timeout_graceful_shutdown=math.ceil(settings.drain_grace_s),

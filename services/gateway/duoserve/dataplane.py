@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from duoserve.rollout import Rollout, rollout_id
 from duoserve.router import ModelRouter, Route
 from duoserve.tensors import InferenceRequest, InferenceResponse
 
+if TYPE_CHECKING:
+    from duoserve.tracing import RequestTrace
+
 log = logging.getLogger(__name__)
 
 # Errors after which another route may be tried: the backend did not process the request.
@@ -56,6 +59,9 @@ class CallContext:
     pin: str | None = None
     route_key: str | None = None
     timeout_ms: float | None = None
+    trace: RequestTrace | None = None
+    """The request's trace (duoserve.tracing): None when tracing is off and the caller sent
+    no trace context."""
 
 
 @dataclass(slots=True)
@@ -332,23 +338,30 @@ class DataPlane:
                 self.metrics.shed.labels(model_name, "model_concurrency").inc()
                 raise
         try:
-            served = await self._serve(model, plan, request, deadline)
+            served = await self._serve(model, plan, request, deadline, ctx.trace)
         finally:
             if model_limiter is not None:
                 model_limiter.release()
         shadow = model.shadow_for(served.route)
         if shadow is not None and self.rng.random() < shadow[1]:
-            self._start_shadow(model, shadow[0], request, served)
+            self._start_shadow(model, shadow[0], request, served, ctx.trace)
         return served
 
     async def _serve(
-        self, model: ModelRouter, plan: list[Route], request: InferenceRequest, deadline: Deadline
+        self,
+        model: ModelRouter,
+        plan: list[Route],
+        request: InferenceRequest,
+        deadline: Deadline,
+        trace: RequestTrace | None,
     ) -> Served:
         last = len(plan) - 1
         rollout = model.rollout
         for index, route in enumerate(plan):
             try:
-                served = await self.call_route(model.name, route, request, deadline)
+                served = await self.call_route(
+                    model.name, route, request, deadline, trace, failover=index > 0
+                )
             except DuoServeError as error:
                 error.route = route  # who failed, for the metrics' framework and backend labels
                 if rollout is not None and error.status >= 500:
@@ -364,10 +377,18 @@ class DataPlane:
         raise AssertionError("a plan has at least one route, and its last one returns or raises")
 
     async def call_route(
-        self, model_name: str, route: Route, request: InferenceRequest, deadline: Deadline
+        self,
+        model_name: str,
+        route: Route,
+        request: InferenceRequest,
+        deadline: Deadline,
+        trace: RequestTrace | None = None,
+        *,
+        failover: bool = False,
     ) -> Served:
         """One route: its circuit and concurrency limit, then the backend call, retried (on
-        another replica where there is one) while the backend did not process the request."""
+        another replica where there is one) while the backend did not process the request.
+        ``trace``: each call is a span of it; ``failover``: not the request's first route."""
         guard = route.guard
         assert guard is not None, "the data plane's routes carry their backend's guard"
         target = request.with_target(route.model, request.version or route.version, route.framework)
@@ -377,7 +398,15 @@ class DataPlane:
                 await self._acquire(model_name, guard, deadline)
                 try:
                     return await self._attempt(
-                        model_name, route, guard, target, deadline, retries.tried
+                        model_name,
+                        route,
+                        guard,
+                        target,
+                        deadline,
+                        retries.tried,
+                        trace,
+                        retries.count + 1,
+                        failover,
                     )
                 except BACKEND_FAULTS as error:
                     elsewhere = self._fault(model_name, route, guard, error)
@@ -418,18 +447,30 @@ class DataPlane:
         target: InferenceRequest,
         deadline: Deadline,
         tried: list[str],
+        trace: RequestTrace | None = None,
+        attempt: int = 1,
+        failover: bool = False,
     ) -> Served:
         """One backend call in its acquired slot: timed, counted in flight, the slot released
         and the circuit told how it went. BACKEND_FAULTS reach the caller, which judges them
-        (_fault); any other failure of the backend's own code becomes an UpstreamError."""
+        (_fault); any other failure of the backend's own code becomes an UpstreamError. With a
+        ``trace``, the call carries its trace context (and is a span of its own when the
+        request is sampled)."""
+        carrier = None
+        if trace is not None:
+            carrier = trace.call(route, attempt, failover)
+            target.trace = carrier
         in_flight = self.metrics.backend_in_flight.labels(route.backend_name, route.framework)
         in_flight.inc()
         started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             response = await route.backend.infer(target, deadline, avoid=tried)
-        except BACKEND_FAULTS:
+        except BACKEND_FAULTS as error:
+            failure = error
             raise
-        except (DuoServeError, asyncio.CancelledError):
+        except (DuoServeError, asyncio.CancelledError) as error:
+            failure = error
             guard.breaker.record_neutral()  # the client's input, or the client left
             raise
         except Exception as error:  # a backend bug must not become a 500 with a trace
@@ -438,17 +479,23 @@ class DataPlane:
                 model_name, route.backend_name, route.framework, "backend_error"
             ).inc()
             log.exception("backend %s failed unexpectedly", route.backend_name)
-            raise UpstreamError(
+            failure = UpstreamError(
                 f"the {route.framework} backend failed while serving '{model_name}'"
-            ) from error
+            )
+            raise failure from error
         finally:
             elapsed = time.perf_counter() - started
             in_flight.dec()
             guard.limiter.release()
+            if trace is not None and carrier is not None:
+                trace.called(carrier, failure)
         guard.breaker.record_success()
+        exemplar = None
+        if trace is not None and trace.trace_id is not None:
+            exemplar = {"trace_id": trace.trace_id}
         self.metrics.backend_duration.labels(
             model_name, route.framework, route.backend_name
-        ).observe(elapsed)
+        ).observe(elapsed, exemplar)
         return Served(response, route, elapsed)
 
     def _fault(
@@ -471,35 +518,65 @@ class DataPlane:
     # -- shadow --------------------------------------------------------------------------
 
     def _start_shadow(
-        self, model: ModelRouter, route: Route, request: InferenceRequest, primary: Served
+        self,
+        model: ModelRouter,
+        route: Route,
+        request: InferenceRequest,
+        primary: Served,
+        trace: RequestTrace | None = None,
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._shadow(model, route, request, primary))
+        leg = trace.leg("shadow", model.name, route) if trace is not None else None
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(model, route, request, primary, leg)
+        )
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
     async def _shadow(
-        self, model: ModelRouter, route: Route, request: InferenceRequest, primary: Served
+        self,
+        model: ModelRouter,
+        route: Route,
+        request: InferenceRequest,
+        primary: Served,
+        trace: RequestTrace | None = None,
     ) -> None:
         assert route.guard is not None
         deadline = Deadline(route.guard.timeout_s)
         rollout = model.rollout if model.is_target(route) else None
         try:
-            shadow = await self.call_route(model.name, route, request, deadline)
+            shadow = await self.call_route(model.name, route, request, deadline, trace)
         except DuoServeError as error:
             self.metrics.shadow_requests.labels(
                 model.name, route.framework, str(error.status)
             ).inc()
             if rollout is not None and error.status >= 500:
                 rollout.observe_call("target", False, None)
+            if trace is not None:
+                trace.leg_done(error)
             return
-        except Exception:  # noqa: BLE001 - a shadow must never take the gateway down
+        except Exception as error:  # noqa: BLE001 - a shadow must never take the gateway down
             log.exception("shadow call of model %s failed", model.name)
             self.metrics.shadow_requests.labels(model.name, route.framework, "500").inc()
             if rollout is not None:
                 rollout.observe_call("target", False, None)
+            if trace is not None:
+                trace.leg_done(error)
             return
+        except asyncio.CancelledError as error:  # shutdown: the copy was not finished
+            if trace is not None:
+                trace.leg_done(error)
+            raise
         self.metrics.shadow_requests.labels(model.name, route.framework, "200").inc()
         agreement = compare_outputs(primary.response, shadow.response)
+        if trace is not None:
+            trace.leg_done(
+                None,
+                {
+                    "duoserve.shadow.rows": agreement["rows"],
+                    "duoserve.shadow.argmax_agree": agreement["argmax_agree"],
+                    "duoserve.shadow.max_abs_diff": agreement["max_abs_diff"],
+                },
+            )
         if rollout is not None:
             rollout.observe_call("target", True, shadow.backend_s)
             rollout.observe_comparison(
@@ -536,12 +613,23 @@ class DataPlane:
         model = self.model(model_name)
         validate_request(model.name, model.config, request)
         deadline = self.deadline_for(model, ctx)
+        trace = ctx.trace
 
         async def one(route: Route) -> Served | DuoServeError:
+            leg = trace.leg("compare", model_name, route) if trace is not None else None
             try:
-                return await self.call_route(model_name, route, request, deadline)
+                served = await self.call_route(model_name, route, request, deadline, leg)
             except DuoServeError as error:
+                if leg is not None:
+                    leg.leg_done(error)
                 return error
+            except BaseException as error:
+                if leg is not None:
+                    leg.leg_done(error)
+                raise
+            if leg is not None:
+                leg.leg_done(None)
+            return served
 
         outcomes = await asyncio.gather(*(one(route) for route in model.routes))
         results: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 # 0.5 ms .. 10 s: millisecond inference and the gateway's own sub-millisecond overhead.
@@ -77,18 +78,28 @@ class _GaugeChild:
 
 
 class _HistogramChild:
-    __slots__ = ("bounds", "counts", "sum", "created")
+    __slots__ = ("bounds", "counts", "sum", "created", "exemplars")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
         self.created = time.time()
+        self.exemplars: list[Exemplar | None] | None = None  # per bucket, once there is one
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
+        """Count ``value``; ``exemplar`` (labels such as ``{"trace_id": ...}``) becomes its
+        bucket's exemplar, replacing the previous one, as prometheus_client's Histogram does.
+        Exemplars appear in the OpenMetrics exposition only."""
         # bounds[i] is the first bound >= value: Prometheus' "le" (less than or equal).
-        self.counts[bisect_left(self.bounds, value)] += 1
+        index = bisect_left(self.bounds, value)
+        self.counts[index] += 1
         self.sum += value
+        if exemplar is not None:
+            exemplars = self.exemplars
+            if exemplars is None:
+                exemplars = self.exemplars = [None] * len(self.counts)
+            exemplars[index] = Exemplar(exemplar, value, time.time())
 
 
 class LoopMetric:
@@ -197,10 +208,12 @@ class LoopHistogram(LoopMetric):
         self, family: HistogramMetricFamily, values: list[str], child: _HistogramChild
     ) -> None:
         cumulative = 0
-        buckets: list[tuple[str, float]] = []
-        for le, count in zip(self._le, child.counts, strict=True):
+        buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        exemplars = child.exemplars
+        for index, (le, count) in enumerate(zip(self._le, child.counts, strict=True)):
             cumulative += count
-            buckets.append((le, cumulative))
+            exemplar = exemplars[index] if exemplars is not None else None
+            buckets.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
         family.add_metric(values, buckets, child.sum)
 
 
@@ -392,6 +405,21 @@ class Metrics:
             "Resolutions of a backend's host names by result: ok, empty, error (the last two "
             "keep the last good set of replicas).",
             ["backend", "result"],
+            registry=registry,
+        )
+
+        # Tracing (duoserve/tracing.py), when an OTLP endpoint is set.
+        self.trace_spans_exported = LoopCounter(
+            "duoserve_trace_spans_exported",
+            "Spans delivered to the OTLP collector.",
+            [],
+            registry=registry,
+        )
+        self.trace_spans_dropped = LoopCounter(
+            "duoserve_trace_spans_dropped",
+            "Spans never delivered: queue_full (the export queue was full: the collector is slow "
+            "or down), export_failed (the collector did not take the batch in time).",
+            ["reason"],
             registry=registry,
         )
 

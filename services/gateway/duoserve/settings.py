@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -81,6 +83,13 @@ class Settings(BaseSettings):
     calls a replica had in flight when it died to be retried on the others at once."""
     log_level: str = "info"
     """uvicorn log level."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line (time, level, logger, message, and the request id,
+    trace and span id, model, framework and backend of the request that caused it); ``text``:
+    ``LEVEL logger: message``."""
+    access_log: bool = False
+    """One line per HTTP request (``duoserve serve --access-log``): uvicorn's in the text format;
+    in the JSON format the gateway's own, with status, latency and the request's ids."""
 
     @field_validator("workers")
     @classmethod

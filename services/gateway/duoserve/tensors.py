@@ -8,11 +8,14 @@ decode into these types; backends encode from them. BYTES tensors are numpy obje
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from duoserve.errors import BadRequest
+
+if TYPE_CHECKING:
+    from duoserve.tracing import TraceCarrier
 
 # V2 datatype -> numpy dtype (little-endian, the wire order of the binary extension and of
 # TF Serving's tensor_content).
@@ -98,6 +101,10 @@ class InferenceRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     framework: str | None = None
     """The framework of the route it is addressed to (set by the router)."""
+    trace: TraceCarrier | None = None
+    """The trace context this call to a backend carries, and where the backend reports what
+    its span records; set by the data plane per call when the request is traced or brought a
+    ``traceparent`` (duoserve.tracing). None: nothing to send."""
 
     def batch_size(self) -> int:
         """Rows in the request: the first dimension of the first input (1 for scalars)."""

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse
+from duoserve.tracing import CallSpan
 
 
 class Backend(ABC):
@@ -22,6 +23,8 @@ class Backend(ABC):
     """
 
     kind: ClassVar[str]
+    call_span: CallSpan = CallSpan("infer")
+    """How its calls appear in a trace (remote backends name their protocol's call)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -34,6 +37,10 @@ class Backend(ABC):
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
     ) -> InferenceResponse:
         """Run one inference before the deadline.
+
+        ``request.trace``, when set, is the W3C trace context the call carries (HTTP headers
+        or gRPC metadata); the backend notes there the replica it called and the status of
+        its answer, for the call's span.
 
         ``avoid``: replicas (``error.endpoint`` of earlier attempts) that failed this request;
         a backend with several replicas calls another one when it can."""

@@ -38,6 +38,7 @@ from duoserve.errors import (
 )
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse, Tensor, numpy_dtype
+from duoserve.tracing import CallSpan
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class EmbeddedBackend(Backend):
     """Runs PyTorch (TorchScript) and TensorFlow (SavedModel) artifacts in this process."""
 
     kind = "embedded"
+    call_span = CallSpan("embedded infer")
 
     def __init__(self, name: str, config: EmbeddedBackendConfig, base_dir: Path) -> None:
         super().__init__(name)

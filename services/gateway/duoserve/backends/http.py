@@ -30,6 +30,7 @@ from duoserve.errors import (
 )
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
+from duoserve.tracing import TraceCarrier
 
 __all__ = [
     "PROBE_TIMEOUT_S",
@@ -54,6 +55,7 @@ async def call(
     deadline: Deadline,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    trace: TraceCarrier | None = None,
 ) -> Reply:
     """One call below the pool's base URL that must finish before ``deadline``.
 
@@ -61,11 +63,22 @@ async def call(
     Unavailable (the backend did not complete the call, so it may be retried or failed over); a
     connection lost after the answer began is UpstreamError (the backend ran the call: not
     retried); a call past the deadline is UpstreamTimeout. Messages name the backend kind,
-    never its address.
+    never its address. ``trace``: the call's trace context, sent as headers; the replica, target
+    and status are noted there for its span.
     """
     timeout_s = deadline.check(f"the {what} call")
     try:
-        return await pool.request(method, target, body=body, headers=headers, timeout_s=timeout_s)
+        if trace is None:
+            return await pool.request(
+                method, target, body=body, headers=headers, timeout_s=timeout_s
+            )
+        trace.peer = pool.connect_to
+        trace.target = target
+        if trace.headers:
+            headers = {**headers, **trace.headers} if headers else trace.headers
+        reply = await pool.request(method, target, body=body, headers=headers, timeout_s=timeout_s)
+        trace.status = reply.status
+        return reply
     except TimeoutError:
         raise UpstreamTimeout(
             f"the {what} backend did not answer within the deadline "

@@ -41,6 +41,7 @@ from duoserve.errors import (
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse
+from duoserve.tracing import CallSpan
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
             metrics=metrics,
             resolver=resolver,
         )
+        self.call_span = CallSpan.http(config.url, "/predictions/{model}")
         self._binary = config.binary_tensors
         self._token: str | None = None
         self._token_mtime = 0.0
@@ -172,6 +174,7 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
             deadline=deadline,
             body=body,
             headers=headers,
+            trace=request.trace,
         )
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:

@@ -52,6 +52,7 @@ from duoserve.errors import (
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse
+from duoserve.tracing import CallSpan
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
             metrics=metrics,
             resolver=resolver,
         )
+        self.call_span = CallSpan.http(config.url, "/v2/models/{model}/infer")
         # Read once, like every other credential the gateway holds; a secret mounted from a
         # file often ends in a newline.
         token = os.environ.get(config.token_env, "").strip() if config.token_env else ""
@@ -228,6 +230,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
             deadline=deadline,
             body=body,
             headers={**content, **self._auth},
+            trace=request.trace,
         )
 
     def _status_error(self, status: int, raw: bytes, request: InferenceRequest) -> DuoServeError:

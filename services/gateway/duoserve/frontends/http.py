@@ -3,8 +3,8 @@ inference path with its metrics and response headers, and protocol-shaped error 
 
 from __future__ import annotations
 
+import asyncio
 import os
-import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from duoserve.dataplane import CallContext, DataPlane, Served
 from duoserve.errors import (
@@ -23,11 +23,14 @@ from duoserve.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from duoserve.logs import REQUEST_ID
 from duoserve.metrics import Metrics
-from duoserve.routes import FAST_ENDPOINTS
+from duoserve.routes import FAST_ENDPOINTS, SCOPE_KEY
+from duoserve.tracing import TRACEPARENT, RequestTrace
 
 if TYPE_CHECKING:
     from duoserve.routes import RouteTable
+    from duoserve.tracing import Tracing
 
 JSON = "application/json"
 # TF Serving and TorchServe read any body as JSON; curl -d sends form-urlencoded. Their front
@@ -38,7 +41,6 @@ LENIENT_JSON = (
     "text/plain",
     "application/octet-stream",
 )
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 
@@ -63,6 +65,8 @@ class Gateway:
     max_body_bytes: int
     routes: RouteTable
     """What each route is; a request's match gives its front door's error shape."""
+    tracing: Tracing | None = None
+    """Traces and the log lines' request ids (duoserve.tracing); None when both are off."""
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -174,9 +178,41 @@ def call_context(headers: Mapping[str, str], protocol: str) -> CallContext:
 def request_id(headers: Mapping[str, str]) -> str:
     """The client's x-request-id when it is a sane token, else a new random one."""
     given = headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
+    if given and REQUEST_ID.match(given):
         return given
     return os.urandom(16).hex()
+
+
+def start_trace(
+    gateway: Gateway,
+    scope: Scope,
+    headers: Mapping[str, str],
+    rid: str,
+    protocol: str,
+    model: str,
+) -> RequestTrace | None:
+    """The request's trace: its span when tracing is on, else the caller's trace context to
+    pass on (None when it sent none)."""
+    tracing = gateway.tracing
+    if tracing is None:
+        return RequestTrace.forwarding(headers) if TRACEPARENT in headers else None
+    match = scope.get(SCOPE_KEY)
+    route = match.route if match is not None else None
+    return tracing.start(
+        headers,
+        rid,
+        protocol=protocol,
+        model=model,
+        route=route.path if route is not None else "inference",
+        path=scope["path"],
+        scheme=scope.get("scheme", "http"),
+    )
+
+
+def unanswered(error: BaseException) -> int:
+    """The status a trace records for a request that ended without an answer: the client
+    left (499, as nginx logs it), or the gateway failed (500)."""
+    return 499 if isinstance(error, ClientDisconnect | asyncio.CancelledError) else 500
 
 
 async def serve_inference(
@@ -200,24 +236,31 @@ async def serve_inference(
     started = time.perf_counter()
     headers_in = headers_of(request)
     rid = request_id(headers_in)
+    trace = start_trace(gateway, request.scope, headers_in, rid, protocol, model_name)
     in_flight = metrics.in_flight.labels(protocol)
     in_flight.inc()
     framework = backend = "none"
     metric_model = model_name if model_name in gateway.dataplane.models else "unknown"
+    failure: DuoServeError | None = None
     try:
         check_content_type(headers_in, accepted_types)
         body = await read_body(request.receive, headers_in, gateway.max_body_bytes)
         metrics.request_size.labels(protocol).observe(len(body))
-        served, payload, extra_headers = await handle(
-            gateway, body, call_context(headers_in, protocol), headers_in
-        )
+        context = call_context(headers_in, protocol)
+        context.trace = trace
+        served, payload, extra_headers = await handle(gateway, body, context, headers_in)
     except DuoServeError as error:
+        failure = error
         status = error.status
         if error.route is not None:
             framework, backend = error.route.framework, error.route.backend_name
         payload = gateway.routes.resolve(request.scope).info.errors(error)
         headers = {"x-request-id": rid, **error.headers}
         response = Response(payload, status_code=status, headers=headers, media_type=JSON)
+    except BaseException as error:  # no answer: the client left, or a bug (Dispatch's 500)
+        if trace is not None:
+            trace.finish(unanswered(error), framework, backend, error)
+        raise
     else:
         status = 200
         framework = served.route.framework
@@ -239,9 +282,15 @@ async def serve_inference(
         in_flight.dec()
     metrics.response_size.labels(protocol).observe(len(payload))
     metrics.requests.labels(metric_model, framework, backend, protocol, str(status)).inc()
-    metrics.request_duration.labels(metric_model, framework, protocol).observe(
-        time.perf_counter() - started
-    )
+    duration = metrics.request_duration.labels(metric_model, framework, protocol)
+    if trace is None:
+        duration.observe(time.perf_counter() - started)
+    else:
+        trace.finish(status, framework, backend, failure)
+        trace_id = trace.trace_id
+        duration.observe(
+            time.perf_counter() - started, None if trace_id is None else {"trace_id": trace_id}
+        )
     return response
 
 

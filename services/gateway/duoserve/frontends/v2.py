@@ -8,6 +8,7 @@ array is built.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,7 +23,7 @@ from duoserve.codecs.v2 import (
     model_metadata,
 )
 from duoserve.dataplane import CallContext, Served
-from duoserve.errors import BadRequest, NotFound
+from duoserve.errors import BadRequest, DuoServeError, NotFound
 from duoserve.frontends.http import (
     JSON,
     Gateway,
@@ -30,13 +31,17 @@ from duoserve.frontends.http import (
     check_content_type,
     error_json,
     gateway_of,
+    headers_of,
     json_response,
     read_body,
     request_id,
     serve_inference,
+    start_trace,
+    unanswered,
 )
 from duoserve.routes import FrontDoor, Kind
 from duoserve.tensors import InferenceRequest
+from duoserve.tracing import RequestTrace
 
 BINARY_TYPES = (JSON, "application/octet-stream", "application/vnd.triton.binary")
 
@@ -245,16 +250,42 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 )
 async def compare(request: Request, model: str) -> Response:
     gateway = gateway_of(request)
-    headers = request.headers
+    headers = headers_of(request)
+    rid = request_id(headers)
+    trace = start_trace(gateway, request.scope, headers, rid, "v2", model)
+    try:
+        report = await _compare(gateway, request, model, headers, trace)
+    except DuoServeError as error:
+        if trace is not None:
+            trace.finish(error.status, "none", "none", error)
+        raise
+    except BaseException as error:
+        if trace is not None:
+            trace.finish(unanswered(error), "none", "none", error)
+        raise
+    if trace is not None:
+        trace.finish(200, "none", "none", None)
+    return json_response(report, headers={"x-request-id": rid})
+
+
+async def _compare(
+    gateway: Gateway,
+    request: Request,
+    model: str,
+    headers: Mapping[str, str],
+    trace: RequestTrace | None,
+) -> dict[str, Any]:
     # Like /infer, and unlike the TF Serving and TorchServe front doors (whose servers read any
     # body as JSON, so their clients may send curl's form type): a V2 body is JSON, and a form
     # or text body is refused with a 415 that says so rather than guessed at.
     check_content_type(headers, (JSON,))
     body = await read_body(request.receive, headers, gateway.max_body_bytes)
     decoded = decode_v2_request(body, model, None, gateway.dataplane.model(model).config)
-    report = await gateway.dataplane.compare(model, decoded, call_context(headers, "v2"))
+    context = call_context(headers, "v2")
+    context.trace = trace
+    report = await gateway.dataplane.compare(model, decoded, context)
     for entry in report["results"]:
         response = entry.pop("response", None)
         if response is not None:
             entry["outputs"] = compare_report_outputs(response, decoded)
-    return json_response(report, headers={"x-request-id": request_id(headers)})
+    return report

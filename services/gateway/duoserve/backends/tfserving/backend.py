@@ -14,12 +14,13 @@ from duoserve.backends.endpoints import (
     split_host_port,
 )
 from duoserve.backends.http import http_endpoints
-from duoserve.backends.tfserving.grpc_api import GrpcAPI, GrpcReplica
+from duoserve.backends.tfserving.grpc_api import PREDICT, GrpcAPI, GrpcReplica
 from duoserve.backends.tfserving.rest_api import RestAPI
 from duoserve.config import TensorSpec, TFServingBackendConfig
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
 from duoserve.tensors import InferenceRequest, InferenceResponse
+from duoserve.tracing import CallSpan
 
 Replica = TypeVar("Replica", contravariant=True)
 
@@ -62,6 +63,7 @@ class TFServingBackend(ReplicatedBackend[Any]):
         if self.rest:
             assert config.url is not None  # the config's own check
             self.api = RestAPI(name, self._declared)
+            self.call_span = CallSpan.http(config.url, "/v1/models/{model}:predict")
             self.endpoints = http_endpoints(
                 name,
                 config.url,
@@ -74,6 +76,7 @@ class TFServingBackend(ReplicatedBackend[Any]):
         else:
             self.api = GrpcAPI(name)
             default = split_host_port(config.grpc) if config.grpc else None
+            self.call_span = CallSpan.grpc(PREDICT.lstrip("/"), default)
             self.endpoints = EndpointSet(
                 name,
                 endpoint_names(config.endpoints, default),

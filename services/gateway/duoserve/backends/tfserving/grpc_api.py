@@ -52,6 +52,7 @@ class GrpcReplica:
     """One TF Serving replica over gRPC: its channel and the methods the gateway calls."""
 
     def __init__(self, host: str, port: int) -> None:
+        self.connect_to = (host, port)
         target = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
         self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.predict = self._method(PREDICT, predict_pb2.PredictResponse)
@@ -80,10 +81,12 @@ class GrpcAPI:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    async def _call(self, method: Any, request: Any, timeout: float) -> Any:
+    async def _call(
+        self, method: Any, request: Any, timeout: float, metadata: Any = None
+    ) -> Any:
         """One unary call; a channel closed under it (shutdown) is Unavailable."""
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.UsageError as error:
             raise Unavailable(f"TF Serving backend '{self.name}' is closed") from error
 
@@ -99,10 +102,24 @@ class GrpcAPI:
             [o.name for o in request.outputs or []],
         )
         timeout = deadline.check("the TF Serving call")
+        trace = request.trace
+        if trace is None:
+            try:
+                answer = await self._call(replica.predict, message, timeout)
+            except grpc.aio.AioRpcError as error:
+                raise grpc_error(self.name, error, what, deadline) from None
+            return decode_predict_response(answer, request, what)
+        # The trace context goes as gRPC metadata (lowercase keys, as HTTP/2 sends them).
+        trace.peer = replica.connect_to
+        trace.target = PREDICT
         try:
-            answer = await self._call(replica.predict, message, timeout)
+            answer = await self._call(
+                replica.predict, message, timeout, tuple(trace.headers.items()) or None
+            )
         except grpc.aio.AioRpcError as error:
+            trace.status = error.code().name
             raise grpc_error(self.name, error, what, deadline) from None
+        trace.status = "OK"
         return decode_predict_response(answer, request, what)
 
     async def ready(self, replica: GrpcReplica, model: str, version: str | None) -> bool:

@@ -77,6 +77,7 @@ class RestAPI:
             deadline=deadline,
             body=body,
             headers={"Content-Type": "application/json"},
+            trace=request.trace,
         )
         if reply.status != 200:
             raise http_error(self.name, reply.status, reply.body, what)
