@@ -6,8 +6,10 @@ the real protobuf messages with ``opentelemetry-proto``.
     spans = receiver.wait_for(lambda spans: ..., timeout_s=10)
     receiver.close()
 
-It can answer late (``delay_s``, a collector that is slow) and is stopped by ``close()``; a
-collector that is down is a port nobody listens on (``tests.servers.free_port``).
+It can answer late (``delay_s``, a collector that is slow), hold every export unanswered until
+``release()`` (``hold()``: a collector that hangs; ``waiting`` counts the exports it holds), and
+is stopped by ``close()``; a collector that is down is a port nobody listens on
+(``tests.servers.free_port``).
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ class OTLPReceiver:
         self.delay_s = delay_s
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
+        self.waiting = 0
+        """Exports being held unanswered now (``hold``)."""
         self._lock = threading.Lock()
+        self._gate = threading.Event()
+        self._gate.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,6 +101,7 @@ class OTLPReceiver:
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
+                receiver._wait_at_gate()
                 receiver._keep(ExportTraceServiceRequest.FromString(body))
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
@@ -115,6 +122,22 @@ class OTLPReceiver:
     def url(self) -> str:
         """The OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): /v1/traces is appended to it."""
         return f"http://127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        """From now on, hold every export unanswered (and its spans unread) until release()."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def _wait_at_gate(self) -> None:
+        if self._gate.is_set():
+            return
+        with self._lock:
+            self.waiting += 1
+        self._gate.wait()
+        with self._lock:
+            self.waiting -= 1
 
     def _keep(self, message: ExportTraceServiceRequest) -> None:
         spans = []
@@ -163,6 +186,7 @@ class OTLPReceiver:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

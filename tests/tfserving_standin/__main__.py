@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -87,6 +88,9 @@ async def _serve(args: argparse.Namespace) -> None:
     registry = ModelRegistry.from_file(_config_file(args))
     metrics = ServingMetrics()
     controls = {"delay_ms": args.delay_ms, "predicts": 0}
+    # Stand-in only: the W3C trace context of the last Predicts (REST headers, gRPC metadata),
+    # so tracing tests see what a backend received (GET /standin/stats).
+    received: collections.deque[dict[str, str | None]] = collections.deque(maxlen=100)
     slots = (
         asyncio.Semaphore(args.max_concurrent_predicts) if args.max_concurrent_predicts else None
     )
@@ -121,12 +125,18 @@ async def _serve(args: argparse.Namespace) -> None:
         args.port,
         tensor_content=args.tensor_content,
         host=args.bind_address,
+        received=received,
     )
     log.info("Running gRPC ModelServer at %s:%d ...", args.bind_address, args.port)
     runner = None
     if args.rest_api_port:
         api = RestApi(
-            registry, metrics, run_predict, _monitoring_path(args.monitoring_config_file), controls
+            registry,
+            metrics,
+            run_predict,
+            _monitoring_path(args.monitoring_config_file),
+            controls,
+            received,
         )
         runner = await serve_rest(api, args.rest_api_port, host=args.bind_address)
         log.info("Exporting HTTP/REST API at:%s:%d ...", args.bind_address, args.rest_api_port)

@@ -65,6 +65,12 @@ class StandinHandle:
         with urllib.request.urlopen(f"{self.rest_url}/standin/stats", timeout=5) as answer:
             return int(json.loads(answer.read())["predicts"])
 
+    def trace_contexts(self) -> list[dict[str, str | None]]:
+        """The W3C trace context each of the last Predicts carried, oldest first:
+        ``{"api": "rest" | "grpc", "traceparent": ..., "tracestate": ...}`` (None: not sent)."""
+        with urllib.request.urlopen(f"{self.rest_url}/standin/stats", timeout=5) as answer:
+            return list(json.loads(answer.read())["trace_contexts"])
+
     def kill(self) -> None:
         """SIGKILL at once, as a crashed or evicted server dies."""
         if self.process.poll() is None:

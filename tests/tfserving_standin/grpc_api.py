@@ -8,6 +8,7 @@ model_service_impl.cc, servables/tensorflow/get_model_metadata_impl.cc).
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
 
@@ -48,7 +49,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         metrics: ServingMetrics,
         run_predict: Callable[..., Awaitable[dict[str, np.ndarray]]],
         tensor_content: bool,
+        received: collections.deque[dict[str, str | None]] | None = None,
     ) -> None:
+        self.received = received if received is not None else collections.deque(maxlen=100)
         self.registry = registry
         self.metrics = metrics
         self.run_predict = run_predict
@@ -57,6 +60,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request, context):  # noqa: N802 (gRPC method name)
         started = time.perf_counter()
         status = "OK"
+        metadata = dict(context.invocation_metadata() or ())
+        self.received.append(
+            {
+                "api": "grpc",
+                "traceparent": metadata.get("traceparent"),
+                "tracestate": metadata.get("tracestate"),
+            }
+        )
         try:
             if not request.HasField("model_spec"):
                 raise invalid("Missing ModelSpec")
@@ -134,6 +145,7 @@ async def serve_grpc(
     *,
     tensor_content: bool = False,
     host: str = "127.0.0.1",
+    received: collections.deque[dict[str, str | None]] | None = None,
 ) -> grpc.aio.Server:
     # TF Serving's default max message size is INT_MAX; 256 MiB is plenty for tests.
     limit = 256 * 1024 * 1024
@@ -144,7 +156,7 @@ async def serve_grpc(
         ]
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(registry, metrics, run_predict, tensor_content), server
+        PredictionService(registry, metrics, run_predict, tensor_content, received), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
     server.add_insecure_port(f"{host}:{port}")

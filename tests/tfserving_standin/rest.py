@@ -9,6 +9,7 @@ a bare value when the signature has one output, `{"b64": ...}` for binary string
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import re
 import time
@@ -194,12 +195,14 @@ class RestApi:
         run_predict: Callable[..., Awaitable[dict[str, np.ndarray]]],
         monitoring_path: str | None,
         controls: dict[str, float],
+        received: collections.deque[dict[str, str | None]] | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.run_predict = run_predict
         self.monitoring_path = monitoring_path
         self.controls = controls
+        self.received = received if received is not None else collections.deque(maxlen=100)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -217,7 +220,10 @@ class RestApi:
         if path == "/standin/stats" and request.method == "GET":
             # Not TF Serving's either: how many predictions this replica ran (REST and gRPC),
             # so balancing tests count what each replica saw, not what the gateway says.
-            return _json({"predicts": self.controls["predicts"]})
+            # And the trace context the last Predicts carried (tracing tests).
+            return _json(
+                {"predicts": self.controls["predicts"], "trace_contexts": list(self.received)}
+            )
         if not re.fullmatch(r"(?i)/v1/.*", path):
             return web.Response(status=404, text="")
         try:
@@ -227,6 +233,13 @@ class RestApi:
                     raise ServingError(
                         grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served by the stand-in"
                     )
+                self.received.append(
+                    {
+                        "api": "rest",
+                        "traceparent": request.headers.get("traceparent"),
+                        "tracestate": request.headers.get("tracestate"),
+                    }
+                )
                 return await self.predict(name, version, label, await request.read())
             if request.method == "GET" and (match := STATUS_PATH.fullmatch(path)):
                 name, version, label, subresource = match.groups()
