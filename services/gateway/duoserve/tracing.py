@@ -269,14 +269,17 @@ class RequestTrace:
         span = carrier.span
         if span is not None:
             attributes: dict[str, str | int] = {}
+            spec = carrier.spec
             if carrier.peer is not None:
                 attributes[PEER_ADDRESS], attributes[PEER_PORT] = carrier.peer
+                if spec is not None and SERVER_ADDRESS not in spec.attributes:
+                    # Replicas listed one by one (no single address): the one called.
+                    attributes[SERVER_ADDRESS], attributes[SERVER_PORT] = carrier.peer
             status = carrier.status
             if isinstance(status, int):
                 attributes[HTTP_STATUS] = status
             elif status is not None:
                 attributes[RPC_STATUS] = status
-            spec = carrier.spec
             if spec is not None and spec.url is not None and carrier.target is not None:
                 attributes[URL_FULL] = spec.url + carrier.target
             _outcome(span, attributes, error)
