@@ -216,6 +216,39 @@ async def test_http_backend_call_carries_the_trace(
     assert headers["tracestate"] == "vendor=1"
 
 
+async def test_a_real_torchserve_call_is_a_child_span(
+    torchserve: Any,
+    gateway: GatewayFactory,
+    receiver: OTLPReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real TorchServe: it cannot show the headers it received (the stand-in above checks
+    those); its call is a span of the request with the answer's status."""
+    trace_to(monkeypatch, receiver.url)
+    config = one_model(
+        {
+            "ts": {
+                "kind": "torchserve",
+                "url": torchserve.url,
+                "token_file": str(torchserve.key_file),
+            }
+        },
+        [{"backend": "ts", "framework": "pytorch", "model": "digits"}],
+    )
+    async with gateway(config) as (client, _):
+        await infer(client, {"traceparent": CALLER, "x-request-id": "req-traced-1"})
+        server, trace = await request_span(receiver)
+
+    check_request_span(server, "pytorch", "ts")
+    [call] = by_parent(trace, server.span_id)
+    check_backend_span(call, server, "ts")
+    assert call.name == "POST /predictions/{model}"
+    assert call.attributes["url.full"] == f"{torchserve.url}/predictions/digits"
+    assert call.attributes["http.response.status_code"] == 200
+    # The token it was sent is nowhere in the span.
+    assert torchserve.inference_key() not in repr(call)
+
+
 async def test_unsampled_requests_make_no_spans_and_pass_their_context_on(
     gateway: GatewayFactory,
     receiver: OTLPReceiver,
@@ -332,6 +365,48 @@ async def test_retry_failover_and_shadow_are_spans_of_the_same_trace(
         f"00-{CALLER_TRACE}-{failover.span_id}-01"
     )
     assert recording.traceparents() == [f"00-{CALLER_TRACE}-{shadow_call.span_id}-01"]
+
+
+async def test_each_compare_leg_is_a_span_with_its_backend_call_below(
+    gateway: GatewayFactory,
+    receiver: OTLPReceiver,
+    recording: RecordingBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trace_to(monkeypatch, receiver.url)
+    config = one_model(
+        {
+            "ts": {"kind": "torchserve", "url": recording.url, "binary_tensors": False},
+            "v2": {"kind": "v2", "url": recording.url, "binary_tensors": False},
+        },
+        [
+            {"backend": "ts", "framework": "pytorch", "model": "digits"},
+            {"backend": "v2", "framework": "tensorflow", "model": "digits"},
+        ],
+    )
+    async with gateway(config) as (client, _):
+        answer = await client.post(
+            "/v2/models/digits/compare",
+            json=v2_body(PIXELS),
+            headers={"traceparent": CALLER, "x-request-id": "req-traced-1"},
+        )
+        assert answer.status_code == 200, answer.text
+        server, trace = await request_span(receiver, children=2)
+
+    assert (server.parent_span_id, server.attributes["http.response.status_code"]) == (
+        CALLER_SPAN,
+        200,
+    )
+    legs = by_parent(trace, server.span_id)
+    assert sorted((s.name, s.attributes["duoserve.backend"]) for s in legs) == [
+        ("duoserve compare", "ts"),
+        ("duoserve compare", "v2"),
+    ]
+    sent = set(recording.traceparents())
+    for leg in legs:
+        [call] = by_parent(trace, leg.span_id)
+        assert call.attributes["duoserve.backend"] == leg.attributes["duoserve.backend"]
+        assert f"00-{CALLER_TRACE}-{call.span_id}-01" in sent
 
 
 # -- a collector that is down or hangs -------------------------------------------------------
