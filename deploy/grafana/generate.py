@@ -39,6 +39,10 @@ class Query:
 
     expr: str
     legend: str
+    exemplars: bool = False
+    """Grafana also asks Prometheus for the exemplars of the series this reads (the gateway's
+    latency buckets carry the trace id of a sampled request) and draws them as points that
+    link a spike to its trace; the query's own line is hidden (it repeats a recorded one)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,23 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
             "legendFormat": query.legend,
             "range": True,
             "refId": chr(ord("A") + index),
+            **({"exemplar": True} if query.exemplars else {}),
         }
         for index, query in enumerate(panel.queries)
+    ]
+    # A query there for its exemplars draws no line of its own.
+    overrides = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": chr(ord("A") + index)},
+            "properties": [
+                {
+                    "id": "custom.hideFrom",
+                    "value": {"legend": True, "tooltip": True, "viz": True},
+                }
+            ],
+        }
+        for index, query in enumerate(panel.queries)
+        if query.exemplars
     ]
     defaults: dict[str, Any] = {"unit": panel.unit, "mappings": _state_mappings(panel.mappings)}
     options: dict[str, Any]
@@ -115,7 +134,7 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
     return {
         "datasource": DATASOURCE,
         "description": panel.description,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides},
         "gridPos": {"h": PANEL_HEIGHT, "w": panel.width, "x": x, "y": y},
         "id": panel_id,
         "options": options,
@@ -239,20 +258,38 @@ def _latency_panels(model: str, framework: str, width: int = 12) -> tuple[Panel,
         )
         for p in ("p50", "p95", "p99")
     )
+    # Recorded series have no exemplars: the raw buckets are read for them (line hidden).
+    exemplars, by = "{{framework}} {{model}} traced request", "framework, model"
     return (
         Panel(
             "Request latency p50 / p95 / p99 (whole gateway)",
             "Time from request received to response ready, per framework and model: what a "
-            "client sees. Recording rules over duoserve_request_duration_seconds.",
-            gateway,
+            "client sees. Recording rules over duoserve_request_duration_seconds. The points "
+            "are exemplars: a traced request's latency and its trace id (tracing on).",
+            (
+                *gateway,
+                Query(
+                    _quantile(0.99, "duoserve_request_duration_seconds_bucket", by, sel),
+                    exemplars,
+                    exemplars=True,
+                ),
+            ),
             unit="s",
             width=width,
         ),
         Panel(
             "Backend latency p50 / p95 / p99",
             "Time waiting on TorchServe, TF Serving or the in-process runtime. The gap to the "
-            "whole-gateway latency is the gateway's own overhead (decode, route, encode).",
-            backend,
+            "whole-gateway latency is the gateway's own overhead (decode, route, encode). The "
+            "points are exemplars: a traced request's backend call and its trace id.",
+            (
+                *backend,
+                Query(
+                    _quantile(0.99, "duoserve_backend_request_duration_seconds_bucket", by, sel),
+                    exemplars,
+                    exemplars=True,
+                ),
+            ),
             unit="s",
             width=width,
         ),
