@@ -435,6 +435,9 @@ async def test_a_hung_collector_delays_no_request_and_its_spans_are_counted_as_d
         receiver.url,
         OTEL_BSP_MAX_QUEUE_SIZE="4",
         OTEL_BSP_MAX_EXPORT_BATCH_SIZE="2",
+        # The held export is not given up on while held (it would be counted as failed, and
+        # resent): the spans are accounted for exactly.
+        OTEL_EXPORTER_OTLP_TIMEOUT="120",
     )
     config = one_model(
         {"ts": {"kind": "torchserve", "url": recording.url, "binary_tensors": False}},
@@ -458,7 +461,7 @@ async def test_a_hung_collector_delays_no_request_and_its_spans_are_counted_as_d
         async def accounted() -> dict[str, float]:
             return spans_counted((await client.get("/metrics")).text)
 
-        for _ in range(300):
+        for _ in range(600):
             counts = await accounted()
             if sum(counts.values()) >= total:
                 break
@@ -481,7 +484,7 @@ async def test_a_collector_that_is_down_fails_no_request_and_its_spans_are_count
     async with gateway(config) as (client, _):
         for _ in range(5):
             await infer(client, {"traceparent": CALLER})
-        for _ in range(300):
+        for _ in range(600):  # each batch fails after the 1 s export timeout
             counts = spans_counted((await client.get("/metrics")).text)
             if counts.get("export_failed", 0) >= 10:
                 break
