@@ -30,6 +30,8 @@ FRAMEWORK = 'framework=~"$framework"'
 RATE = "$__rate_interval"
 
 PANEL_HEIGHT = 8
+EXEMPLAR_SERIES = "traced request"
+"""The legend's last words of a query read for its exemplars (its line is hidden)."""
 GRID_WIDTH = 24
 
 
@@ -42,7 +44,8 @@ class Query:
     exemplars: bool = False
     """Grafana also asks Prometheus for the exemplars of the series this reads (the gateway's
     latency buckets carry the trace id of a sampled request) and draws them as points that
-    link a spike to its trace; the query's own line is hidden (it repeats a recorded one)."""
+    link a spike to its trace; the query's own line is hidden (it repeats a recorded one), so
+    its legend must end in EXEMPLAR_SERIES."""
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,11 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
         }
         for index, query in enumerate(panel.queries)
     ]
-    # A query there for its exemplars draws no line of its own.
+    # A query there for its exemplars draws no line of its own: its series are matched by
+    # their legend (a match on the query's refId would hide its exemplars too).
     overrides = [
         {
-            "matcher": {"id": "byFrameRefID", "options": chr(ord("A") + index)},
+            "matcher": {"id": "byRegexp", "options": f".* {EXEMPLAR_SERIES}$"},
             "properties": [
                 {
                     "id": "custom.hideFrom",
@@ -259,7 +263,7 @@ def _latency_panels(model: str, framework: str, width: int = 12) -> tuple[Panel,
         for p in ("p50", "p95", "p99")
     )
     # Recorded series have no exemplars: the raw buckets are read for them (line hidden).
-    exemplars, by = "{{framework}} {{model}} traced request", "framework, model"
+    exemplars, by = f"{{{{framework}}}} {{{{model}}}} {EXEMPLAR_SERIES}", "framework, model"
     return (
         Panel(
             "Request latency p50 / p95 / p99 (whole gateway)",
