@@ -1,6 +1,6 @@
-""".ci/run on a machine that lacks Java and Prometheus, with apt-get and make replaced by
-recorders: what it installs, that no service may start while it does, and that it stops no
-process of the machine by name."""
+""".ci/run on a machine that lacks Java, Prometheus, nginx and wrk, with apt-get and make
+replaced by recorders: what it installs, that no service may start while it does, and that it
+stops no process of the machine by name."""
 
 from __future__ import annotations
 
@@ -75,13 +75,14 @@ def test_ci_installs_what_is_missing_with_service_starts_forbidden(tmp_path: Pat
     assert "apt-get update -qq" in log
     install = re.search(r"^apt-get install (.*)$", log, re.M)
     assert install is not None
-    assert {"openjdk-17-jre-headless", "prometheus"} <= set(install.group(1).split())
+    packages = {"openjdk-17-jre-headless", "prometheus", "nginx-light", "wrk"}
+    assert packages <= set(install.group(1).split())
     assert "policy-rc.d prometheus start: 101" in log
     assert log.strip().endswith("make test (policy-rc.d left: no)")
 
 
-def test_ci_installs_nothing_when_java_and_prometheus_are_there(tmp_path: Path) -> None:
-    log = run_ci(tmp_path, present=("java", "prometheus", "promtool"))
+def test_ci_installs_nothing_when_every_tool_is_there(tmp_path: Path) -> None:
+    log = run_ci(tmp_path, present=("java", "prometheus", "promtool", "nginx", "wrk"))
     assert log.splitlines() == ["make test (policy-rc.d left: no)"]
 
 
