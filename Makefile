@@ -43,7 +43,7 @@ test: setup models v2-servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check services tests bench models
+	$(VENV)/bin/ruff check services tests bench deploy k8s models
 	$(VENV)/bin/mypy
 
 protos: setup
