@@ -71,6 +71,21 @@ class OutlierConfig(_Strict):
         return self
 
 
+class CoalesceConfig(_Strict):
+    """Adaptive coalescing: requests that arrive while the backend is busy with the same model
+    and version go to it together, as one call (rows concatenated along the first dimension)."""
+
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    """Most rows in one combined call (a single request with more rows still goes alone)."""
+    max_delay_ms: float = Field(0.0, ge=0, le=1000)
+    """How long a call may wait for more requests to join once it could go out (a call slot
+    is free) while it holds fewer than max_batch_size rows; 0: at once, so requests are
+    combined only while max_calls_in_flight calls are already out."""
+    max_calls_in_flight: int = Field(2, ge=1, le=10_000)
+    """Combined calls out at once per model and version; requests beyond them queue and go out
+    together when one returns."""
+
+
 class RemoteBackendConfig(_BackendBase):
     """A server reached over the network, possibly as several replicas (endpoints)."""
 
@@ -88,6 +103,9 @@ class RemoteBackendConfig(_BackendBase):
     a tenth to a full share over this long; 0 turns slow start off."""
     outlier: OutlierConfig = OutlierConfig.model_validate({})  # frozen: one default for all
     """Ejection of failing replicas."""
+    coalesce: CoalesceConfig | None = None
+    """Combine concurrent requests into one backend call (off when absent). Only for models
+    whose server takes a batch of rows per call and answers row for row."""
 
     @field_validator("endpoints")
     @classmethod

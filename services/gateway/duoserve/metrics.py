@@ -43,6 +43,7 @@ LATENCY_BUCKETS = (
     10.0,
 )
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -354,6 +355,14 @@ class Metrics:
             ["model", "framework"],
             registry=registry,
         )
+        self.backend_batch_rows = LoopHistogram(
+            "duoserve_backend_batch_rows",
+            "Rows per call to a backend that coalesces requests (models.yaml coalesce): its "
+            "_count is the calls sent, its _sum the rows they carried.",
+            ["backend"],
+            buckets=ROWS_BUCKETS,
+            registry=registry,
+        )
         self.shadow_max_abs_diff = LoopHistogram(
             "duoserve_shadow_max_abs_diff",
             "Largest absolute difference between primary and shadow outputs, per request.",
@@ -551,6 +560,7 @@ class Metrics:
         self.circuit_state.remove(backend)
         self.backend_up.remove(backend)
         self.backend_endpoints.remove(backend)
+        self.backend_batch_rows.remove(backend)
         for metric in (
             self.endpoint_requests,
             self.endpoint_failures,

@@ -48,7 +48,8 @@ from typing import Generic, TypeVar
 from prometheus_client import CollectorRegistry
 
 from duoserve.backends.base import Backend
-from duoserve.config import OutlierConfig
+from duoserve.backends.coalesce import Coalescer
+from duoserve.config import CoalesceConfig, OutlierConfig
 from duoserve.errors import DuoServeError, Overloaded, Unavailable, UpstreamError, UpstreamTimeout
 from duoserve.metrics import Metrics
 from duoserve.resilience import Deadline
@@ -546,12 +547,33 @@ class ReplicatedBackend(Backend, Generic[T]):
     inference on one replica's transport (``infer_on``), the set picks the replica."""
 
     endpoints: EndpointSet[T]
+    coalescer: Coalescer | None = None
+    """Set (by ``coalesce``) when the backend's models.yaml entry has ``coalesce``."""
+
+    def coalesce(self, config: CoalesceConfig | None) -> None:
+        """Combine concurrent requests into fewer calls as ``config`` says (None: never).
+        Called by the constructor once ``endpoints`` is set."""
+        if config is None:
+            self.coalescer = None
+            return
+        self.coalescer = Coalescer(
+            self.name, config, self._call_one, self.endpoints.metrics, self.endpoints.what
+        )
 
     async def infer(
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
     ) -> InferenceResponse:
+        # A retry that must avoid replicas goes on its own: combined calls pick their replica
+        # once, for requests that have no replica to avoid.
+        if self.coalescer is not None and not avoid:
+            return await self.coalescer.infer(request, deadline)
         return await self.endpoints.call(
             lambda transport: self.infer_on(transport, request, deadline), avoid
+        )
+
+    async def _call_one(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
+        return await self.endpoints.call(
+            lambda transport: self.infer_on(transport, request, deadline)
         )
 
     @abstractmethod
@@ -564,6 +586,8 @@ class ReplicatedBackend(Backend, Generic[T]):
         await self.endpoints.start()
 
     async def close(self) -> None:
+        if self.coalescer is not None:
+            await self.coalescer.close()
         await self.endpoints.close()
 
     def healthy_elsewhere(self, endpoint: str | None) -> bool:

@@ -109,6 +109,7 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
         self._token_mtime = 0.0
         self._auth_header: dict[str, str] | None = None
         self._auth_checked_at = 0.0
+        self.coalesce(config.coalesce)
 
     def _auth(self) -> dict[str, str]:
         # Re-read the key when TorchServe rewrote key_file.json (it does on every start); the

@@ -100,6 +100,7 @@ class V2Backend(ReplicatedBackend[HTTPPool]):
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         fixed = config.binary_tensors
         self._fixed: bool | None = fixed if isinstance(fixed, bool) else None
+        self.coalesce(config.coalesce)
         # Per replica, keyed by its connection pool: a pool that is replaced (a replica back
         # from ejection gets a fresh one) or dropped (a replica that left) takes its answer along.
         self._wires: weakref.WeakKeyDictionary[HTTPPool, _Wire] = weakref.WeakKeyDictionary()

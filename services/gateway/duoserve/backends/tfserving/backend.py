@@ -90,6 +90,7 @@ class TFServingBackend(ReplicatedBackend[Any]):
                 outlier=config.outlier,
                 resolver=resolver,
             )
+        self.coalesce(config.coalesce)
 
     def register(
         self, framework: str, model: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
