@@ -113,6 +113,10 @@ EVENT_DRIVEN_GATEWAY_METRICS = REPLICA_METRICS | ROLLOUT_METRICS | frozenset(
         "duoserve_shadow_max_abs_diff_bucket",
         "duoserve_shadow_max_abs_diff_count",
         "duoserve_shadow_max_abs_diff_sum",
+        # Only for backends with coalesce set in models.yaml.
+        "duoserve_backend_batch_rows_bucket",
+        "duoserve_backend_batch_rows_count",
+        "duoserve_backend_batch_rows_sum",
     }
 )
 
