@@ -13,14 +13,21 @@ sides alike:
 * nginx -> TorchServe                   the same request through nginx
 * gateway TorchServe front door         POST /predictions/<model> on the gateway
 * gateway V2 JSON                       POST /v2/models/<model>/infer on the gateway
+* gateway TorchServe API, coalesce ...  with ``--coalesce SPEC`` (repeatable): the front door
+                                        of another gateway whose TorchServe backend has
+                                        ``coalesce: SPEC`` (JSON, e.g. '{"max_calls_in_flight":
+                                        2}'; '{}' for the defaults)
 
 A proxy's CPU per request is its utime + stime (nginx: master and worker; the gateway: its
 process) over the segment, from /proc, divided by the requests wrk completed; TorchServe's own
-(frontend and workers) likewise. Every answer must be a 2xx: a side with any other status or a
+(frontend and workers) likewise; TorchServe's calls per segment come from its metrics API
+(ts_inference_requests_total), and a coalescing gateway's rows per backend call from its
+duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status or a
 socket error fails the run. Writes bench-results/proxy-cost.json and the generated section of
 BENCHMARKS.md.
 
     python bench/proxy_cost.py [--rounds 3] [--segment 4] [--markdown BENCHMARKS.md]
+                               [--coalesce '{"max_calls_in_flight": 2}' ...]
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ NGINX = "nginx -> TorchServe"
 FRONT_DOOR = "gateway TorchServe API -> TorchServe"
 V2 = "gateway V2 JSON -> TorchServe"
 GATEWAY_SIDES = (FRONT_DOOR, V2)
+COALESCED = "gateway TorchServe API, coalesce"
 MARK = "PROXY-COST "
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
@@ -253,13 +261,38 @@ def run_wrk(
 # -- the measurement ------------------------------------------------------------------------
 
 
+def coalesced_side(spec: dict[str, Any]) -> str:
+    """The side's name for a gateway with ``coalesce: spec``."""
+    settings = ", ".join(f"{k} {v}" for k, v in spec.items()) or "defaults"
+    return f"{COALESCED} ({settings}) -> TorchServe"
+
+
 class Side:
-    def __init__(self, name: str, spec: RequestSpec, script: Path, proxy_pid: int | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: RequestSpec,
+        script: Path,
+        proxy_pid: int | None,
+        metrics_url: str | None = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.script = script
         self.proxy_pid = proxy_pid
+        self.metrics_url = metrics_url  # a coalescing gateway's, for rows per backend call
         self.segments: dict[int, list[dict[str, Any]]] = {}
+
+
+def batch_rows(metrics_url: str) -> tuple[float, float]:
+    """(calls, rows) of duoserve_backend_batch_rows in a gateway's /metrics."""
+    _, body = http_get(metrics_url, timeout=10)
+    found = {"count": 0.0, "sum": 0.0}
+    for line in body.decode().splitlines():
+        for kind in found:
+            if line.startswith(f"duoserve_backend_batch_rows_{kind}{{"):
+                found[kind] += float(line.rsplit(" ", 1)[1])
+    return found["count"], found["sum"]
 
 
 def check_answers(side: Side) -> None:
@@ -275,7 +308,12 @@ def check_answers(side: Side) -> None:
         raise RuntimeError(f"{side.name}: {status} {body[:300]!r}")
 
 
-def segment(side: Side, level: int, seconds: int, ts_pid: int) -> dict[str, Any]:
+def segment(side: Side, level: int, seconds: int, torchserve: TorchServe) -> dict[str, Any]:
+    assert torchserve.proc is not None
+    ts_pid = torchserve.proc.pid
+    # Counters are read outside the CPU windows (a scrape costs the scraped process CPU).
+    calls_before = torchserve.inference_count()
+    rows_before = batch_rows(side.metrics_url) if side.metrics_url else None
     proxy_before = process_cpu_seconds(side.proxy_pid) if side.proxy_pid else None
     ts_before = process_cpu_seconds(ts_pid)
     result = run_wrk(side.spec.url, side.script, level, seconds)
@@ -283,6 +321,11 @@ def segment(side: Side, level: int, seconds: int, ts_pid: int) -> dict[str, Any]
     if proxy_before is not None and side.proxy_pid:
         result["proxy_cpu_s"] = process_cpu_seconds(side.proxy_pid) - proxy_before
     result["torchserve_cpu_s"] = ts_after - ts_before
+    result["torchserve_calls"] = torchserve.inference_count() - calls_before
+    if rows_before is not None and side.metrics_url:
+        calls, rows = batch_rows(side.metrics_url)
+        result["gateway_backend_calls"] = calls - rows_before[0]
+        result["gateway_backend_rows"] = rows - rows_before[1]
     failures = {k: result[k] for k in ("non_2xx", "connect", "read", "write", "timeout")}
     if any(failures.values()) or result["requests"] == 0:
         raise RuntimeError(f"{side.name} at c={level}: {result['requests']} requests, {failures}")
@@ -307,8 +350,17 @@ def pooled(side: Side, level: int) -> dict[str, Any]:
             1000 * sum(p["torchserve_cpu_s"] for p in parts) / requests, 3
         ),
         "proxy_cpu_ms_per_request": None,
+        # Wrk's requests (one row each) per call TorchServe's frontend received.
+        "requests_per_torchserve_call": round(
+            requests / max(1, sum(p["torchserve_calls"] for p in parts)), 2
+        ),
+        "gateway_rows_per_backend_call": None,
         "segments": parts,
     }
+    if all("gateway_backend_calls" in p for p in parts):
+        calls = sum(p["gateway_backend_calls"] for p in parts)
+        rows = sum(p["gateway_backend_rows"] for p in parts)
+        row["gateway_rows_per_backend_call"] = round(rows / calls, 2) if calls else None
     if all("proxy_cpu_s" in p for p in parts):
         cpu = sum(p["proxy_cpu_s"] for p in parts)
         row["proxy_cpu_ms_per_request"] = round(1000 * cpu / requests, 3)
@@ -324,28 +376,30 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     torchserve = ConfiguredTorchServe(work / "torchserve", STORE / "torchserve", {model: options})
     nginx: Nginx | None = None
     gateway: Gateway | None = None
+    coalescing: list[Gateway] = []
     try:
         print(f"starting TorchServe ({options}), nginx and the gateway ...", file=sys.stderr)
         torchserve.start()
         nginx = Nginx(work / "nginx", torchserve.url)
         nginx.start()
+        backend = {
+            "kind": "torchserve",
+            "url": torchserve.url,
+            "token_file": str(torchserve.key_file),
+            "max_concurrency": 128,
+        }
+        routes = {model: ("torchserve", "pytorch")}
         config = work / "models.yaml"
-        config.write_text(
-            model_yaml(
-                model,
-                {
-                    "torchserve": {
-                        "kind": "torchserve",
-                        "url": torchserve.url,
-                        "token_file": str(torchserve.key_file),
-                        "max_concurrency": 128,
-                    }
-                },
-                {model: ("torchserve", "pytorch")},
-            )
-        )
+        config.write_text(model_yaml(model, {"torchserve": backend}, routes))
         gateway = Gateway(config, work, env={"DUOSERVE_LOG_LEVEL": "warning"})
         gateway.start()
+        for i, coalesce in enumerate(args.coalesce):
+            config = work / f"models-coalesce{i}.yaml"
+            config.write_text(
+                model_yaml(model, {"torchserve": {**backend, "coalesce": coalesce}}, routes)
+            )
+            coalescing.append(Gateway(config, work, env={"DUOSERVE_LOG_LEVEL": "warning"}))
+            coalescing[-1].start()
         assert torchserve.proc is not None and nginx.proc is not None
         assert gateway.proc is not None
         token = torchserve.inference_key()
@@ -361,27 +415,37 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         v2 = build_request(
             target="gateway", url=gateway.url, model=model, payload=payload, protocol="v2"
         )
-        sides = [
-            Side(name, spec, lua_script(spec, work / f"side{i}.lua"), pid)
-            for i, (name, spec, pid) in enumerate(
-                [
-                    (DIRECT, direct, None),
-                    (NGINX, via_nginx, nginx.proc.pid),
-                    (FRONT_DOOR, front, gateway.proc.pid),
-                    (V2, v2, gateway.proc.pid),
-                ]
+        listed: list[tuple[str, RequestSpec, int | None, str | None]] = [
+            (DIRECT, direct, None, None),
+            (NGINX, via_nginx, nginx.proc.pid, None),
+            (FRONT_DOOR, front, gateway.proc.pid, None),
+            (V2, v2, gateway.proc.pid, None),
+        ]
+        for coalesce, server in zip(args.coalesce, coalescing, strict=True):
+            assert server.proc is not None
+            spec = build_request(
+                target="gateway",
+                url=server.url,
+                model=model,
+                payload=payload,
+                protocol="torchserve",
             )
+            listed.append(
+                (coalesced_side(coalesce), spec, server.proc.pid, server.url + "/metrics")
+            )
+        sides = [
+            Side(name, spec, lua_script(spec, work / f"side{i}.lua"), pid, metrics_url)
+            for i, (name, spec, pid, metrics_url) in enumerate(listed)
         ]
         for side in sides:
             check_answers(side)
-        ts_pid = torchserve.proc.pid
         if args.warmup > 0:
             for side in sides:
-                segment(side, max(args.levels), args.warmup, ts_pid)
+                segment(side, max(args.levels), args.warmup, torchserve)
         for level in args.levels:
             for round_ in range(args.rounds):
                 for side in sides if round_ % 2 == 0 else sides[::-1]:
-                    part = segment(side, level, args.segment, ts_pid)
+                    part = segment(side, level, args.segment, torchserve)
                     side.segments.setdefault(level, []).append(part)
                     print(
                         f"  {side.name:<38} c={level:<2} round {round_ + 1}: "
@@ -391,7 +455,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
         return {s.name: {str(level): pooled(s, level) for level in args.levels} for s in sides}
     finally:
-        for server in (gateway, nginx, torchserve):
+        for server in (*coalescing, gateway, nginx, torchserve):
             if server is not None:
                 server.stop()
 
@@ -419,9 +483,16 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "x_direct": round(levels[high]["rps"] / direct_rps, 3) if direct_rps else None,
                 "proxy_cpu_ms_per_request": levels[high]["proxy_cpu_ms_per_request"],
                 "torchserve_cpu_ms_per_request": levels[high]["torchserve_cpu_ms_per_request"],
+                "requests_per_torchserve_call": levels[high]["requests_per_torchserve_call"],
+                "gateway_rows_per_backend_call": levels[high]["gateway_rows_per_backend_call"],
             }
         )
     return rows
+
+
+def gateway_sides(result: dict[str, Any]) -> list[str]:
+    """The gateway sides of a run: the two fixed ones, then any coalescing ones."""
+    return [*GATEWAY_SIDES, *(s for s in result["sides"] if s.startswith(COALESCED))]
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -430,7 +501,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     direct = rows[DIRECT]
     low, high = min(result["levels"]), max(result["levels"])
     out = []
-    for name in GATEWAY_SIDES:
+    for name in gateway_sides(result):
         row = rows[name]
         checks: list[tuple[str, float | None, float, bool]] = [
             (f"CPU ms per request at c={high}", row["proxy_cpu_ms_per_request"], CPU_TARGET_MS,
@@ -454,16 +525,19 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def text_table(result: dict[str, Any]) -> str:
     low, high = min(result["levels"]), max(result["levels"])
+    width = max(38, *(len(r["side"]) for r in result["table"]))
     header = (
-        f"{'side':<38} {f'c={low} p50 ms':>11} {f'c={low} p99 ms':>11} {f'c={high} req/s':>11} "
-        f"{'x direct':>9} {'proxy CPU ms/req':>17} {'TS CPU ms/req':>14}"
+        f"{'side':<{width}} {f'c={low} p50 ms':>11} {f'c={low} p99 ms':>11} "
+        f"{f'c={high} req/s':>11} {'x direct':>9} {'proxy CPU ms/req':>17} {'TS CPU ms/req':>14} "
+        f"{'req/TS call':>12}"
     )
     lines = [header, "-" * len(header)]
     for r in result["table"]:
         lines.append(
-            f"{r['side']:<38} {r['p50_ms']:>11.2f} {r['p99_ms']:>11.2f} {r['rps']:>11.1f} "
+            f"{r['side']:<{width}} {r['p50_ms']:>11.2f} {r['p99_ms']:>11.2f} {r['rps']:>11.1f} "
             f"{_num(r['x_direct']):>9} {_num(r['proxy_cpu_ms_per_request'], '{:.3f}'):>17} "
-            f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}'):>14}"
+            f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}'):>14} "
+            f"{_num(r['requests_per_torchserve_call']):>12}"
         )
     lines.append("")
     for t in result["targets"]:
@@ -488,18 +562,21 @@ def markdown(result: dict[str, Any]) -> str:
         "of the rounds' wrk percentiles. CPU per request at "
         f"c={high}: utime + stime from /proc over the segments, divided by the requests "
         "completed (nginx: master and worker; the gateway: its process; TorchServe: frontend "
-        "and workers). Every answer was a 2xx. Numbers from this shared machine are noisy: "
-        "compare within the run.",
+        "and workers); requests per TorchServe call from its ts_inference_requests_total. "
+        "Every answer was a 2xx. Numbers from this shared machine are noisy: compare within "
+        "the run.",
         "",
         f"| side | c={low} p50 ms | c={low} p99 ms | c={high} req/s | x direct | "
-        f"proxy CPU ms/req (c={high}) | TorchServe CPU ms/req (c={high}) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"proxy CPU ms/req (c={high}) | TorchServe CPU ms/req (c={high}) | "
+        f"requests per TorchServe call (c={high}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["table"]:
         lines.append(
             f"| {r['side']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['rps']:.0f} | "
             f"{_num(r['x_direct'])} | {_num(r['proxy_cpu_ms_per_request'], '{:.3f}')} | "
-            f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}')} |"
+            f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}')} | "
+            f"{_num(r['requests_per_torchserve_call'])} |"
         )
     lines += ["", "Targets (issue 15), gateway against TorchServe direct:", ""]
     lines += ["| side | target | measured | met |", "|---|---|---:|---|"]
@@ -519,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="seconds per side before round 1")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--markdown", type=Path, help="update this file's generated section")
+    parser.add_argument(
+        "--coalesce",
+        action="append",
+        type=json.loads,
+        default=[],
+        metavar="JSON",
+        help="also measure a gateway whose TorchServe backend has this coalesce setting "
+        "(repeatable), e.g. '{\"max_calls_in_flight\": 2}'",
+    )
     args = parser.parse_args(argv)
     args.levels = sorted(int(v) for v in args.levels.split(","))
     for tool in (NGINX_BIN, WRK_BIN):
@@ -540,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         "segment_s": args.segment,
         "wrk": wrk_version,
         "torchserve_options": torchserve_model_options(args.model),
+        "coalesce": args.coalesce,
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="duoserve-proxy-") as tmp:

@@ -1,5 +1,6 @@
-"""bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx and the gateway,
-wrk as the client; every side answers 2xx only and lands in the table and the JSON."""
+"""bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx and the gateway
+(and a coalescing gateway), wrk as the client; every side answers 2xx only and lands in the
+table and the JSON."""
 
 from __future__ import annotations
 
@@ -33,13 +34,16 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             str(tmp_path / "out"),
             "--markdown",
             str(markdown),
+            "--coalesce",
+            '{"max_calls_in_flight": 1}',
         ],
         capture_output=True,
         text=True,
         timeout=420,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sides = [proxy_cost.DIRECT, proxy_cost.NGINX, *proxy_cost.GATEWAY_SIDES]
+    coalesced = proxy_cost.coalesced_side({"max_calls_in_flight": 1})
+    sides = [proxy_cost.DIRECT, proxy_cost.NGINX, *proxy_cost.GATEWAY_SIDES, coalesced]
     for side in sides:
         assert side in result.stdout  # the terminal table
     report = json.loads((tmp_path / "out" / "proxy-cost.json").read_text())
@@ -52,6 +56,11 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             assert row["non_2xx"] == 0 and row["socket_errors"] == 0, (side, level)
             assert 0 < row["p50_ms"] <= row["p99_ms"], (side, level)
             assert row["torchserve_cpu_ms_per_request"] > 0
+            assert row["requests_per_torchserve_call"] > 0
+            if side == coalesced:  # rows per backend call, from the gateway's histogram
+                assert row["gateway_rows_per_backend_call"] >= 1
+            else:
+                assert row["gateway_rows_per_backend_call"] is None
             if side == proxy_cost.DIRECT:
                 assert row["proxy_cpu_ms_per_request"] is None
             else:  # nginx (master and worker) or the gateway: measured from /proc
@@ -59,7 +68,7 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
                 assert row["proxy_cpu_ms_per_request"] >= 0
     assert [r["side"] for r in report["table"]] == sides
     assert report["table"][0]["x_direct"] == 1.0
-    assert len(report["targets"]) == 3 * len(proxy_cost.GATEWAY_SIDES)
+    assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 1)
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     text = markdown.read_text()
     assert text.count(proxy_cost.BEGIN) == 1 and text.count(proxy_cost.END) == 1
