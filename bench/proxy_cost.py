@@ -371,7 +371,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = args.model
     inputs, value_range, _, _ = SIGNATURES[model]
     payload = random_tensors(inputs, 1, value_range, seed=0)
-    options = torchserve_model_options(model)
+    options = {**torchserve_model_options(model), **args.torchserve_options}
     (work / "torchserve").mkdir()
     torchserve = ConfiguredTorchServe(work / "torchserve", STORE / "torchserve", {model: options})
     nginx: Nginx | None = None
@@ -605,6 +605,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a gateway whose TorchServe backend has this coalesce setting "
         "(repeatable), e.g. '{\"max_calls_in_flight\": 2}'",
     )
+    parser.add_argument(
+        "--torchserve-options",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="override the model's TorchServe options of services/torchserve/config.properties "
+        "(batchSize, maxBatchDelay, minWorkers, maxWorkers), e.g. '{\"maxBatchDelay\": 0}'",
+    )
     args = parser.parse_args(argv)
     args.levels = sorted(int(v) for v in args.levels.split(","))
     for tool in (NGINX_BIN, WRK_BIN):
@@ -625,7 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "segment_s": args.segment,
         "wrk": wrk_version,
-        "torchserve_options": torchserve_model_options(args.model),
+        "torchserve_options": {
+            **torchserve_model_options(args.model),
+            **args.torchserve_options,
+        },
         "coalesce": args.coalesce,
     }
     started = time.monotonic()
