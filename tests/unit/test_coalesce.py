@@ -412,14 +412,20 @@ async def test_off_by_default_every_request_is_its_own_call() -> None:
     await backend.close()
 
 
-async def test_close_fails_queued_requests() -> None:
+async def test_close_fails_queued_requests_and_stops_combined_calls() -> None:
     backend = FakeBackend({"max_calls_in_flight": 1})
     backend.hold = True
-    tasks = start(backend, [request(0), request(1)])
+    alone, *queued = start(backend, [request(0), request(1), request(2), request(3)])
+    await settle()
+    backend.releases[0].set()  # the three queued go out together, and are held
+    await settle()
+    assert backend.rows_per_call() == [1, 3]
+    late = start(backend, [request(4)])
     await settle()
     await backend.close()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes = await asyncio.gather(*queued, *late, return_exceptions=True)
     assert all(isinstance(o, Exception) and getattr(o, "status", 0) == 503 for o in outcomes)
+    assert_own_rows(request(0), await alone)  # made in its own task: ends as its call does
 
 
 def test_coalesce_settings_are_validated() -> None:

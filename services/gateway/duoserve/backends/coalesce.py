@@ -6,8 +6,9 @@ clients call it directly; every call also costs the gateway an HTTP exchange and
 decode. With ``coalesce`` set on a remote backend in models.yaml, requests of the same model and
 version are combined:
 
-- a request goes out at once, alone, while fewer than ``max_calls_in_flight`` calls are out for
-  its (model, version); otherwise it queues;
+- a request goes out at once, alone (in its own task, as without coalescing), while fewer than
+  ``max_calls_in_flight`` calls are out for its (model, version) and none is queued; otherwise
+  it queues;
 - when a call returns (or ``max_delay_ms`` after the oldest queued request, when that is set),
   the queued requests that are alike go out together as one call of at most
   ``max_batch_size`` rows: inputs concatenated along the first dimension, outputs split back
@@ -159,6 +160,21 @@ class Coalescer:
         group = self._groups.get(group_key)
         if group is None:
             group = self._groups[group_key] = _Group()
+        if (
+            not group.queue
+            and group.in_flight < self.max_calls
+            and (self.max_delay_s == 0 or rows >= self.max_rows)
+        ):
+            # Nothing to wait for: the call is made in this request's own task, as without
+            # coalescing (no future, task or timer: what low load pays for the option).
+            group.in_flight += 1
+            self._rows.observe(rows)
+            try:
+                return await self._call(request, deadline)
+            finally:
+                group.in_flight -= 1
+                if not self._closed:
+                    self._pump(group_key, group)
         waiter = _Waiter(request, deadline, key, rows, loop.time(), loop.create_future())
         group.queue.append(waiter)
         self._pump(group_key, group)
@@ -268,7 +284,8 @@ class Coalescer:
                 self._pump(group_key, group)
 
     async def close(self) -> None:
-        """Fail what is queued and stop the calls in flight."""
+        """Fail what is queued and stop the combined calls in flight (a call made in its
+        request's own task ends as the backend's connections close)."""
         self._closed = True
         closed = Unavailable(f"the {self.what} backend is shut down", reason="closed")
         for group in self._groups.values():
