@@ -577,3 +577,48 @@ async def test_through_the_gateway_a_failed_combined_call_is_every_clients_5xx(
                  "reason": "backend_error"},
             )  # fmt: skip
             assert errors == 5  # one per request, as without coalescing
+
+
+async def test_a_v2_backend_coalesces_the_same_way(gateway: GatewayFactory) -> None:
+    """The code sits above each backend's own call: a kind: v2 backend (V2 JSON here) gets one
+    combined call for the requests queued behind its call in flight."""
+    rows: list[int] = []
+    release = asyncio.Event()
+
+    async def v2_server(method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        doc = json.loads(body)
+        shape = doc["inputs"][0]["shape"]
+        rows.append(shape[0])
+        await release.wait()
+        pixels = np.array(doc["inputs"][0]["data"], dtype=np.float32).reshape(shape)
+        sums = pixels.reshape(shape[0], -1).sum(axis=1)
+        data = np.repeat(sums[:, None], 10, axis=1)
+        answer = {"model_name": "digits", "outputs": [{"name": "probabilities", "datatype": "FP32",
+                  "shape": [shape[0], 10], "data": data.ravel().tolist()}]}  # fmt: skip
+        return ok(json.dumps(answer).encode(), "Content-Type: application/json")
+
+    async with scripted(v2_server) as (_, url):
+        backend = {"kind": "v2", "url": url, "binary_tensors": False, "retries": 0,
+                   "coalesce": {"max_calls_in_flight": 1}}  # fmt: skip
+        routes = [{"backend": "ts", "framework": "pytorch"}]
+        config = {
+            "backends": {"ts": backend},
+            "models": {"digits": {**DIGITS_IO, "routes": routes}},
+        }
+        async with gateway(config) as (client, app):
+            sizes = [1, 2, 1, 3]
+            tasks = [
+                asyncio.create_task(client.post("/v2/models/digits/infer", json=_body(i, n)))
+                for i, n in enumerate(sizes)
+            ]
+            await eventually(lambda: len(rows) == 1, "the first call reached the V2 server")
+            await _queued(app, len(sizes) - 1)
+            release.set()
+            replies = await asyncio.gather(*tasks)
+            assert rows == [1, 6]
+            for i, (n, reply) in enumerate(zip(sizes, replies, strict=True)):
+                assert reply.status_code == 200, reply.text
+                pixels = i * 1000 + np.arange(n * 64, dtype=np.float32)
+                sums = pixels.reshape(n, -1).sum(axis=1)
+                output = np.array(reply.json()["outputs"][0]["data"]).reshape(n, 10)
+                np.testing.assert_allclose(output[:, 0], sums)
