@@ -337,6 +337,9 @@ def combine(waiters: list[_Waiter]) -> tuple[InferenceRequest, Deadline]:
         outputs=first.outputs,
         parameters=first.parameters,
         framework=first.framework,
+        # The combined call carries the first request's trace context: the backend sees one
+        # call, and one trace shows it (the others' call spans record no replica).
+        trace=first.trace,
     )
     latest = max((w.deadline for w in waiters), key=lambda d: d.expires_at)
     deadline = Deadline(latest.budget_s)
