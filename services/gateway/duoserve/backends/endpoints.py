@@ -567,13 +567,14 @@ class ReplicatedBackend(Backend, Generic[T]):
         # once, for requests that have no replica to avoid.
         if self.coalescer is not None and not avoid:
             return await self.coalescer.infer(request, deadline)
+        return await self._call_one(request, deadline, avoid)
+
+    async def _call_one(
+        self, request: InferenceRequest, deadline: Deadline, avoid: Collection[str] = ()
+    ) -> InferenceResponse:
+        """One call on a replica the set picks (none of ``avoid``)."""
         return await self.endpoints.call(
             lambda transport: self.infer_on(transport, request, deadline), avoid
-        )
-
-    async def _call_one(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        return await self.endpoints.call(
-            lambda transport: self.infer_on(transport, request, deadline)
         )
 
     @abstractmethod
