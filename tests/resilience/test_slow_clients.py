@@ -256,6 +256,42 @@ def test_a_head_over_the_limit_gets_431_at_once(guarded: Gateway) -> None:
     assert after - before == 1
 
 
+def test_a_whole_head_over_the_limit_in_one_write_gets_431(guarded: Gateway) -> None:
+    """A head that arrives complete in one read, over the limit: refused before it is parsed,
+    on a fresh connection and on one kept alive after a normal request (found by sending a
+    100 KB header in one write, which was answered 200)."""
+    before = counter(guarded.url, "duoserve_rejected_connections_total", "head_too_large")
+    big = b"GET /v2 HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"a" * 3 * MAX_HEAD_BYTES + b"\r\n\r\n"
+    with connect(guarded) as sock:
+        sock.sendall(big)
+        status, _, body = status_and_body(answer_of(sock, HEAD_S / 2))
+    assert status == 431
+    assert f"larger than {MAX_HEAD_BYTES} bytes" in body["error"]
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\r\n" + big)  # blank lines first, which llhttp skips: still counted
+        status, _, body = status_and_body(answer_of(sock, HEAD_S / 2))
+    assert status == 431
+    # One just under the limit, with a body in the same write, is served.
+    with connect(guarded) as sock:
+        filler = b"a" * (MAX_HEAD_BYTES - 200)
+        padded = BODY + b" " * 2 * MAX_HEAD_BYTES  # JSON may end in white space
+        sock.sendall(
+            b"POST "
+            + INFER.encode()
+            + b" HTTP/1.1\r\nHost: gateway\r\nX-Filler: "
+            + filler
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(padded)).encode()
+            + b"\r\n\r\n"
+            + padded
+        )
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+    after = counter(guarded.url, "duoserve_rejected_connections_total", "head_too_large")
+    assert after - before == 2
+
+
 def test_connections_past_the_cap_get_503_at_once_until_idle_ones_time_out(
     guarded: Gateway,
 ) -> None:

@@ -32,6 +32,7 @@ under ``GUARD_STATE_KEY``; uvicorn hands that state to every protocol it creates
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -109,6 +110,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._since = 0.0  # when the awaited head (or body) began
         self._last_read = 0.0
         self._head_read = 0  # bytes read while the head is unfinished
+        # A read longer than this may complete a head over the limit: looked at before parsing.
+        self._max_head = self.guard.max_head_bytes if self.guard is not None else sys.maxsize
         self._counted = False  # in the open-connections gauge
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -146,6 +149,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._last_read = self.loop.time()
         if self._awaiting == _HEAD:
             self._head_read += len(data)
+            if self._head_read > self._max_head and self._head_ends_late(data, self._head_read):
+                return
+        elif not self._awaiting and len(data) > self._max_head:
+            if self._head_ends_late(data, len(data)):
+                return
         HttpToolsProtocol.data_received(self, data)
         guard = self.guard
         if guard is None or self.transport.is_closing():
@@ -258,6 +266,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._awaiting == _HEAD:
             return self.cycle is not None and not self.cycle.response_complete
         return bool(self.pipeline)
+
+    def _head_ends_late(self, data: bytes, read: int) -> bool:
+        """Before parsing a read that takes the head (``read`` bytes of it so far, this read
+        included) past the limit: whether the head really is over it, and if so refuse it.
+        A head that ends in this read is measured to its blank line; one still unfinished
+        after the read is refused once parsed (data_received), as before."""
+        guard = self.guard
+        if guard is None:
+            return False
+        start = len(data) - len(data.lstrip(b"\r\n")) if not self._awaiting else 0
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return False  # unfinished: measured after parsing
+        size = read - len(data) + end + 4 - start
+        if size <= guard.max_head_bytes:
+            return False
+        self._awaiting = _HEAD
+        self._refuse_head(guard)
+        return True
 
     def _refuse_head(self, guard: ConnectionGuard) -> None:
         guard.metrics.rejected_connections.labels("head_too_large").inc()
