@@ -792,9 +792,13 @@ def _side(model: ModelRouter, route: Route) -> str:
 
 
 def _fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
-    if len(shape) != len(spec.shape):
+    wanted = spec.shape
+    if len(shape) != len(wanted):
         return False
-    return all(want == -1 or want == got for want, got in zip(spec.shape, shape, strict=True))
+    for want, got in zip(wanted, shape):  # noqa: B905 (lengths checked above)
+        if want != -1 and want != got:
+            return False
+    return True
 
 
 def validate_request(model_name: str, config: ModelConfig, request: InferenceRequest) -> None:
@@ -816,7 +820,7 @@ def validate_request(model_name: str, config: ModelConfig, request: InferenceReq
             raise BadRequest(
                 f"input '{tensor.name}' must be {spec.datatype}, not {tensor.datatype}"
             )
-        shape = tuple(tensor.data.shape)
+        shape = tensor.data.shape
         if not _fits(shape, spec):
             raise BadRequest(
                 f"input '{tensor.name}' has shape {list(shape)}; model '{model_name}' "

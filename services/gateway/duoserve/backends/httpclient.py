@@ -238,6 +238,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _time_out(waiter: asyncio.Future[Reply]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -297,28 +302,55 @@ class HTTPPool:
         head = self._head(method, self.prefix + target, body, headers)
         data = [head, body] if body else [head]
         head_only = method == "HEAD"
-        async with asyncio.timeout(timeout_s):
-            conn = await self._acquire()
-            try:
-                reply = await conn.send(data, head_only)
-            except ConnectionLostError:  # not one byte of an answer came back
-                if not conn.reused:
-                    self._release(conn, False)
-                    raise
-                # The server closed this kept-alive connection as the request went out: once
-                # more on a fresh connection, in the same slot (no queueing behind others).
-                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        # One timer for the whole call. A kept-alive connection is taken without waiting;
+        # only opening one, or waiting for one, needs a timeout of its own (to the same end).
+        conn = self._idle_connection()
+        if conn is None:
+            async with asyncio.timeout_at(deadline):
+                conn = await self._acquire()
+        try:
+            reply = await self._exchange(loop, conn, data, head_only, deadline)
+        except ConnectionLostError:  # not one byte of an answer came back
+            if not conn.reused:
+                self._release(conn, False)
+                raise
+            # The server closed this kept-alive connection as the request went out: once
+            # more on a fresh connection, in the same slot (no queueing behind others).
+            conn.close()
+            async with asyncio.timeout_at(deadline):
                 conn = await self._reconnect()
-                try:
-                    reply = await conn.send(data, head_only)
-                except BaseException:
-                    self._release(conn, False)
-                    raise
+            try:
+                reply = await self._exchange(loop, conn, data, head_only, deadline)
             except BaseException:
                 self._release(conn, False)
                 raise
-            self._release(conn, conn.keep_alive)
-            return reply
+        except BaseException:
+            self._release(conn, False)
+            raise
+        self._release(conn, conn.keep_alive)
+        return reply
+
+    @staticmethod
+    async def _exchange(
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        data: list[bytes],
+        head_only: bool,
+        deadline: float,
+    ) -> Reply:
+        """Send on ``conn`` and wait for its answer until ``deadline`` (loop time), then
+        TimeoutError. A timer that fails the answer's future costs a third of asyncio.timeout
+        (no task cancellation to undo); the caller closes the connection either way."""
+        waiter = conn.send(data, head_only)
+        if waiter.done():
+            return waiter.result()
+        timer = loop.call_at(deadline, _time_out, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
 
     def _head(
         self, method: str, target: str, body: bytes | None, headers: dict[str, str] | None
@@ -334,16 +366,25 @@ class HTTPPool:
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1")
 
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still fit for use (stale ones closed)."""
+        if self._closed or not self._idle:
+            return None
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable() and now - conn.idle_since < self.keepalive_s:
+                return conn
+            self._discard(conn)
+        return None
+
     async def _acquire(self) -> _Connection:
         while True:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
-            now = time.monotonic()
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.usable() and now - conn.idle_since < self.keepalive_s:
-                    return conn
-                self._discard(conn)
+            idle = self._idle_connection()
+            if idle is not None:
+                return idle
             if self._open < self.max_connections:
                 self._open += 1
                 try:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,6 +45,15 @@ from duoserve.tensors import InferenceRequest, InferenceResponse
 from duoserve.tracing import CallSpan
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1024)
+def _predictions_path(model: str, version: str | None) -> str:
+    """TorchServe's inference path of a model (and version), each part percent-quoted."""
+    path = f"/predictions/{quote(model, safe='')}"
+    if version:
+        path += f"/{quote(version, safe='')}"
+    return path
 
 
 def read_token(token_file: str | None, token_env: str | None) -> str | None:
@@ -139,9 +149,7 @@ class TorchServeBackend(ReplicatedBackend[HTTPPool]):
     async def infer_on(
         self, pool: HTTPPool, request: InferenceRequest, deadline: Deadline
     ) -> InferenceResponse:
-        path = f"/predictions/{quote(request.model, safe='')}"
-        if request.version:
-            path += f"/{quote(request.version, safe='')}"
+        path = _predictions_path(request.model, request.version)
         binary = self._binary and all(t.datatype != "BYTES" for t in request.inputs)
         reply = await self._post(pool, path, request, deadline, binary)
         if binary and reply.status == 400 and _JSON_ONLY_HANDLER in reply.body:

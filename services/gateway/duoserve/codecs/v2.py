@@ -401,6 +401,17 @@ def encode_v2_request(request: InferenceRequest, binary: bool) -> tuple[bytes, d
     return body, {"Content-Type": "application/json"}
 
 
+def _json_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
+    """A server's JSON ``data`` as an array of ``dtype``. Numbers for a float output go through
+    float64 first: numpy builds that from a list several times faster than float32, and the
+    cast after it is cheap. Anything else (integers, null, text) is converted as asked."""
+    if dtype.kind == "f":
+        raw = np.asarray(data)
+        if raw.dtype.kind in "fi":
+            return raw.astype(dtype, copy=False)
+    return np.asarray(data, dtype=dtype)
+
+
 def decode_v2_response(
     raw: bytes, header_length: str | None, request: InferenceRequest
 ) -> InferenceResponse:
@@ -429,7 +440,7 @@ def decode_v2_response(
             else:
                 array = np.frombuffer(chunk, dtype=dtype)
         else:
-            array = np.asarray(item["data"], dtype=dtype)
+            array = _json_array(item["data"], dtype)
         outputs.append(Tensor(item["name"], array.reshape(shape), item["datatype"]))
     return InferenceResponse(
         model_name=request.model,

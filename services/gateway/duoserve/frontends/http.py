@@ -70,8 +70,26 @@ class Gateway:
 
 
 def gateway_of(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
+    # Read straight off the app's State (a plain attribute lookup of State costs a __getattr__
+    # call and a dict lookup): this runs on every request.
+    gateway: Gateway = request.scope["app"].state._state["gateway"]
     return gateway
+
+
+class RawResponse(Response):
+    """A Response whose headers come ready as ASGI's (name, value) byte pairs, names lower
+    case, content-length included: the inference path builds them once instead of Starlette
+    re-encoding and re-scanning a dict."""
+
+    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]):
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        self.raw_headers = raw_headers
+
+
+def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 def json_response(
@@ -266,17 +284,22 @@ async def serve_inference(
         framework = served.route.framework
         backend = served.route.backend_name
         elapsed = time.perf_counter() - started
-        headers = {
-            "x-request-id": rid,
-            "x-duoserve-framework": framework,
-            "x-duoserve-backend": backend,
-            "server-timing": (
-                f"gateway;dur={(elapsed - served.backend_s) * 1000:.3f}, "
-                f"backend;dur={served.backend_s * 1000:.3f}"
-            ),
-            **extra_headers,
-        }
-        response = Response(payload, status_code=200, headers=headers)
+        timing = (
+            f"gateway;dur={(elapsed - served.backend_s) * 1000:.3f}, "
+            f"backend;dur={served.backend_s * 1000:.3f}"
+        )
+        response = RawResponse(
+            payload,
+            200,
+            [
+                (b"x-request-id", rid.encode("latin-1")),
+                (b"x-duoserve-framework", framework.encode("latin-1")),
+                (b"x-duoserve-backend", backend.encode("latin-1")),
+                (b"server-timing", timing.encode("latin-1")),
+                *_raw(extra_headers),
+                (b"content-length", str(len(payload)).encode("latin-1")),
+            ],
+        )
         metrics.items.labels(metric_model, framework).inc(_rows(served))
     finally:
         in_flight.dec()
