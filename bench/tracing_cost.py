@@ -77,17 +77,13 @@ def main() -> int:
     receiver = OTLPReceiver()
     config = work / "models.yaml"
     backend = {"kind": "torchserve", "url": f"http://127.0.0.1:{port}", "max_concurrency": 64}
-    config.write_text(
-        model_yaml("digits", {"ts": backend}, {"digits-pytorch": ("ts", "pytorch")})
-    )
+    config.write_text(model_yaml("digits", {"ts": backend}, {"digits-pytorch": ("ts", "pytorch")}))
     common = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_SERVICE_NAME": "duoserve-bench",
     }
-    gateways = {
-        mode: Gateway(config, work, {**common, **extra}) for mode, extra in MODES.items()
-    }
+    gateways = {mode: Gateway(config, work, {**common, **extra}) for mode, extra in MODES.items()}
     cpu: dict[tuple[str, str], list[float]] = {}
     try:
         wait_until(lambda: stub.poll() is None, 5, "the stub backend", stub)
