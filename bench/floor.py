@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_segment  # noqa: E402
 from bench.reference import model_yaml  # noqa: E402
 from tests.servers import (  # noqa: E402
     REPO,
@@ -27,32 +28,6 @@ from tests.servers import (  # noqa: E402
     stop_group,
     wait_until,
 )
-
-
-def bench(gateway: Gateway, url: str, pid: int, label: str, conc: str, seconds: str) -> None:
-    cmd = [
-        str(REPO / ".venv/bin/duoserve"),
-        "bench",
-        "digits-pytorch",
-        "--url",
-        url,
-        "--concurrency",
-        conc,
-        "--duration",
-        seconds,
-        "--warmup",
-        "1",
-        "--no-progress",
-        "--gateway-pid",
-        str(pid),
-        "--label",
-        label,
-        "--metadata-url",
-        gateway.url,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith(label)]
-    print("\n".join(lines) or out.stdout[-800:] + out.stderr[-800:], flush=True)
 
 
 def main() -> None:
@@ -118,15 +93,10 @@ def main() -> None:
         print(f"backend: {args.backend}", flush=True)
         for conc in args.concurrency.split(","):
             for _ in range(args.rounds):
-                bench(gateway, gateway.url, gateway.proc.pid, "duoserve", conc, args.duration)
-                bench(
-                    gateway,
-                    bare_url,
-                    bare.pid,
-                    "bare-proxy",
-                    conc,
-                    args.duration,
+                bench_segment(
+                    gateway.url, gateway.proc.pid, "duoserve", conc, args.duration, gateway.url
                 )
+                bench_segment(bare_url, bare.pid, "bare-proxy", conc, args.duration, gateway.url)
     finally:
         if bare is not None:
             stop_group(bare)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_segment  # noqa: E402
 from bench.reference import model_yaml  # noqa: E402
 from tests.otlp_receiver import OTLPReceiver  # noqa: E402
 from tests.servers import REPO, Gateway, free_port, stop_group, wait_until  # noqa: E402
@@ -28,38 +29,6 @@ MODES = {
     "1%": {"OTEL_TRACES_SAMPLER_ARG": "0.01"},
     "100%": {"OTEL_TRACES_SAMPLER_ARG": "1.0"},
 }
-
-
-def run_segment(gateway: Gateway, label: str, conc: str, seconds: str) -> float | None:
-    """One `duoserve bench` segment; the gateway's CPU ms per request (None: not reported)."""
-    assert gateway.proc is not None
-    cmd = [
-        str(Path(sys.executable).parent / "duoserve"),
-        "bench",
-        "digits-pytorch",
-        "--url",
-        gateway.url,
-        "--concurrency",
-        conc,
-        "--duration",
-        seconds,
-        "--warmup",
-        "1",
-        "--no-progress",
-        "--gateway-pid",
-        str(gateway.proc.pid),
-        "--label",
-        label,
-        "--metadata-url",
-        gateway.url,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith(label)]
-    print("\n".join(lines) or out.stdout[-800:] + out.stderr[-800:], flush=True)
-    try:
-        return float(lines[-1].split()[-1])
-    except (IndexError, ValueError):
-        return None
 
 
 def main() -> int:
@@ -92,7 +61,15 @@ def main() -> int:
         for conc in args.concurrency.split(","):
             for _ in range(args.rounds):
                 for mode, gateway in gateways.items():
-                    value = run_segment(gateway, f"tracing-{mode}", conc, args.duration)
+                    assert gateway.proc is not None
+                    value = bench_segment(
+                        gateway.url,
+                        gateway.proc.pid,
+                        f"tracing-{mode}",
+                        conc,
+                        args.duration,
+                        gateway.url,
+                    )
                     if value is not None:
                         cpu.setdefault((mode, conc), []).append(value)
     finally:
