@@ -1,11 +1,34 @@
-"""What the benchmark scripts share: one `duoserve bench` segment that reports a process's
-CPU per request (bench/floor.py, tracing_cost.py)."""
+"""What the benchmark scripts share (bench/floor.py, proxy_cost.py, scale_out.py and
+tracing_cost.py): bench/ on sys.path, the stub backend, and one `duoserve bench` segment that
+reports a process's CPU per request.
+
+A script puts the repository root on sys.path itself (it needs it to import this module), then
+imports from here; importing this module puts bench/ before it, for duoserve_bench:
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import REPO, ...  # noqa: E402
+"""
 
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
-from tests.servers import VENV_BIN
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from tests.servers import VENV_BIN, free_port  # noqa: E402
+
+
+def start_stub_backend() -> tuple[subprocess.Popen[bytes], str]:
+    """bench/stub_backend.py on a free loopback port, in its own process group (stop it with
+    tests.servers.stop_group): the process and its URL. It does not wait for the port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench/stub_backend.py"), str(port)], start_new_session=True
+    )
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def bench_segment(

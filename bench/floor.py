@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_segment  # noqa: E402
+from bench.common import REPO, bench_segment, start_stub_backend  # noqa: E402
 from bench.reference import model_yaml  # noqa: E402
 from tests.servers import (  # noqa: E402
-    REPO,
     Gateway,
     TorchServe,
     free_port,
@@ -41,12 +40,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     stub = ts = None
     if args.backend == "stub":
-        port = free_port()
-        stub = subprocess.Popen(
-            [sys.executable, str(REPO / "bench/stub_backend.py"), str(port)],
-            start_new_session=True,
-        )
-        upstream, key = f"http://127.0.0.1:{port}", "unused"
+        stub, upstream = start_stub_backend()
+        key = "unused"
         backend: dict[str, object] = {"kind": "torchserve", "url": upstream}
     else:
         ts = TorchServe(

@@ -44,10 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO  # noqa: E402
 from bench.reference import SIGNATURES, STORE, model_yaml, update_markdown  # noqa: E402
 from duoserve_bench.report import machine_info, process_cpu_seconds  # noqa: E402
 from duoserve_bench.targets import RequestSpec, build_request, random_tensors  # noqa: E402

@@ -29,10 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO, start_stub_backend  # noqa: E402
 from bench.reference import (  # noqa: E402
     SIGNATURES,
     STORE,
@@ -114,7 +112,7 @@ def replicas_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[st
 
 
 def cpu_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[str, Any]:
-    from tests.servers import Gateway, free_port, stop_group
+    from tests.servers import Gateway, stop_group
 
     trees = {"HEAD": REPO}
     for revision in args.baseline.split(","):
@@ -127,20 +125,15 @@ def cpu_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[str, An
     stub = None
     gateways: list[Any] = []
     try:
-        port = free_port()
-        stub = subprocess.Popen(
-            [sys.executable, str(REPO / "bench/stub_backend.py"), str(port)],
-            start_new_session=True,
-        )
+        stub, stub_url = start_stub_backend()
         config = work / "stub.yaml"
         config.write_text(
             model_yaml(
                 "digits",
-                {"ts": {"kind": "torchserve", "url": f"http://127.0.0.1:{port}",
-                        "max_concurrency": 64}},
+                {"ts": {"kind": "torchserve", "url": stub_url, "max_concurrency": 64}},
                 {"digits": ("ts", "pytorch")},
             )
-        )  # fmt: skip
+        )
         sides = Sides()
         for label, tree in trees.items():
             env = {

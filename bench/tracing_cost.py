@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_segment  # noqa: E402
+from bench.common import bench_segment, start_stub_backend  # noqa: E402
 from bench.reference import model_yaml  # noqa: E402
 from tests.otlp_receiver import OTLPReceiver  # noqa: E402
-from tests.servers import REPO, Gateway, free_port, stop_group, wait_until  # noqa: E402
+from tests.servers import Gateway, stop_group, wait_until  # noqa: E402
 
 MODES = {
     "off": {"OTEL_EXPORTER_OTLP_ENDPOINT": ""},
@@ -39,13 +38,10 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
-    port = free_port()
-    stub = subprocess.Popen(
-        [sys.executable, str(REPO / "bench/stub_backend.py"), str(port)], start_new_session=True
-    )
+    stub, stub_url = start_stub_backend()
     receiver = OTLPReceiver()
     config = work / "models.yaml"
-    backend = {"kind": "torchserve", "url": f"http://127.0.0.1:{port}", "max_concurrency": 64}
+    backend = {"kind": "torchserve", "url": stub_url, "max_concurrency": 64}
     config.write_text(model_yaml("digits", {"ts": backend}, {"digits-pytorch": ("ts", "pytorch")}))
     common = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
