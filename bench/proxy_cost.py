@@ -74,6 +74,7 @@ WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
 CPU_TARGET_MS = 0.2
 ADDED_P50_TARGET_MS = 0.4
 RATIO_TARGET = 0.8
+BATCH_LOG_SETTLE_S = 0.3
 
 
 # -- servers --------------------------------------------------------------------------------
@@ -293,6 +294,32 @@ def batch_rows(metrics_url: str) -> tuple[float, float]:
     return found["count"], found["sum"]
 
 
+BATCH_LINE = b"Backend received inference at"
+
+
+class BatchCounter:
+    """Batches TorchServe's Python workers ran, counted in its model_log.log: the worker logs
+    "Backend received inference at: ..." once per batch (ts/service.py), whatever its size."""
+
+    def __init__(self, torchserve: TorchServe) -> None:
+        self.path = torchserve.workdir / "logs" / "model_log.log"
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> int:
+        """Batches logged since the last call (0 on the first)."""
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except FileNotFoundError:
+            return 0
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        return sum(BATCH_LINE in line for line in lines)
+
+
 def check_answers(side: Side) -> None:
     """One request by hand before any load: a 200 with the model's output in it."""
     import urllib.request
@@ -306,11 +333,14 @@ def check_answers(side: Side) -> None:
         raise RuntimeError(f"{side.name}: {status} {body[:300]!r}")
 
 
-def segment(side: Side, level: int, seconds: int, torchserve: TorchServe) -> dict[str, Any]:
+def segment(
+    side: Side, level: int, seconds: int, torchserve: TorchServe, batches: BatchCounter
+) -> dict[str, Any]:
     assert torchserve.proc is not None
     ts_pid = torchserve.proc.pid
     # Counters are read outside the CPU windows (a scrape costs the scraped process CPU).
     calls_before = torchserve.inference_count()
+    batches.read()  # the log lines of whatever ran before this segment
     rows_before = batch_rows(side.metrics_url) if side.metrics_url else None
     proxy_before = process_cpu_seconds(side.proxy_pid) if side.proxy_pid else None
     ts_before = process_cpu_seconds(ts_pid)
@@ -320,6 +350,8 @@ def segment(side: Side, level: int, seconds: int, torchserve: TorchServe) -> dic
         result["proxy_cpu_s"] = process_cpu_seconds(side.proxy_pid) - proxy_before
     result["torchserve_cpu_s"] = ts_after - ts_before
     result["torchserve_calls"] = torchserve.inference_count() - calls_before
+    time.sleep(BATCH_LOG_SETTLE_S)  # the worker's log lines reach the file through the frontend
+    result["torchserve_batches"] = batches.read()
     if rows_before is not None and side.metrics_url:
         calls, rows = batch_rows(side.metrics_url)
         result["gateway_backend_calls"] = calls - rows_before[0]
@@ -353,6 +385,10 @@ def pooled(side: Side, level: int) -> dict[str, Any]:
             requests / max(1, sum(p["torchserve_calls"] for p in parts)), 2
         ),
         "gateway_rows_per_backend_call": None,
+        # Wrk's requests per batch TorchServe's workers ran (their model_log.log).
+        "requests_per_torchserve_batch": round(
+            requests / max(1, sum(p["torchserve_batches"] for p in parts)), 2
+        ),
         "segments": parts,
     }
     if all("gateway_backend_calls" in p for p in parts):
@@ -437,13 +473,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ]
         for side in sides:
             check_answers(side)
+        batches = BatchCounter(torchserve)
         if args.warmup > 0:
             for side in sides:
-                segment(side, max(args.levels), args.warmup, torchserve)
+                segment(side, max(args.levels), args.warmup, torchserve, batches)
         for level in args.levels:
             for round_ in range(args.rounds):
                 for side in sides if round_ % 2 == 0 else sides[::-1]:
-                    part = segment(side, level, args.segment, torchserve)
+                    part = segment(side, level, args.segment, torchserve, batches)
                     side.segments.setdefault(level, []).append(part)
                     print(
                         f"  {side.name:<38} c={level:<2} round {round_ + 1}: "
@@ -482,6 +519,7 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "proxy_cpu_ms_per_request": levels[high]["proxy_cpu_ms_per_request"],
                 "torchserve_cpu_ms_per_request": levels[high]["torchserve_cpu_ms_per_request"],
                 "requests_per_torchserve_call": levels[high]["requests_per_torchserve_call"],
+                "requests_per_torchserve_batch": levels[high]["requests_per_torchserve_batch"],
                 "gateway_rows_per_backend_call": levels[high]["gateway_rows_per_backend_call"],
             }
         )
@@ -527,7 +565,7 @@ def text_table(result: dict[str, Any]) -> str:
     header = (
         f"{'side':<{width}} {f'c={low} p50 ms':>11} {f'c={low} p99 ms':>11} "
         f"{f'c={high} req/s':>11} {'x direct':>9} {'proxy CPU ms/req':>17} {'TS CPU ms/req':>14} "
-        f"{'req/TS call':>12}"
+        f"{'req/TS call':>12} {'req/TS batch':>13}"
     )
     lines = [header, "-" * len(header)]
     for r in result["table"]:
@@ -535,7 +573,8 @@ def text_table(result: dict[str, Any]) -> str:
             f"{r['side']:<{width}} {r['p50_ms']:>11.2f} {r['p99_ms']:>11.2f} {r['rps']:>11.1f} "
             f"{_num(r['x_direct']):>9} {_num(r['proxy_cpu_ms_per_request'], '{:.3f}'):>17} "
             f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}'):>14} "
-            f"{_num(r['requests_per_torchserve_call']):>12}"
+            f"{_num(r['requests_per_torchserve_call']):>12} "
+            f"{_num(r['requests_per_torchserve_batch']):>13}"
         )
     lines.append("")
     for t in result["targets"]:
@@ -560,21 +599,23 @@ def markdown(result: dict[str, Any]) -> str:
         "of the rounds' wrk percentiles. CPU per request at "
         f"c={high}: utime + stime from /proc over the segments, divided by the requests "
         "completed (nginx: master and worker; the gateway: its process; TorchServe: frontend "
-        "and workers); requests per TorchServe call from its ts_inference_requests_total. "
+        "and workers); requests per TorchServe call from its ts_inference_requests_total, "
+        "requests per batch its workers ran from their model_log.log (one line a batch). "
         "Every answer was a 2xx. Numbers from this shared machine are noisy: compare within "
         "the run.",
         "",
         f"| side | c={low} p50 ms | c={low} p99 ms | c={high} req/s | x direct | "
         f"proxy CPU ms/req (c={high}) | TorchServe CPU ms/req (c={high}) | "
-        f"requests per TorchServe call (c={high}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"requests per TorchServe call (c={high}) | requests per TorchServe batch (c={high}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["table"]:
         lines.append(
             f"| {r['side']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['rps']:.0f} | "
             f"{_num(r['x_direct'])} | {_num(r['proxy_cpu_ms_per_request'], '{:.3f}')} | "
             f"{_num(r['torchserve_cpu_ms_per_request'], '{:.3f}')} | "
-            f"{_num(r['requests_per_torchserve_call'])} |"
+            f"{_num(r['requests_per_torchserve_call'])} | "
+            f"{_num(r['requests_per_torchserve_batch'])} |"
         )
     lines += ["", "Targets (issue 15), gateway against TorchServe direct:", ""]
     lines += ["| side | target | measured | met |", "|---|---|---:|---|"]

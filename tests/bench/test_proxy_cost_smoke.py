@@ -57,6 +57,10 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             assert 0 < row["p50_ms"] <= row["p99_ms"], (side, level)
             assert row["torchserve_cpu_ms_per_request"] > 0
             assert row["requests_per_torchserve_call"] > 0
+            # Batches from TorchServe's worker log: one request each at least, half that when
+            # a late log line of one segment falls into the next; batchSize 8 calls at most.
+            batch = row["requests_per_torchserve_batch"]
+            assert 0.5 < batch <= (64 if side == coalesced else 8.5), (side, level, batch)
             if side == coalesced:  # rows per backend call, from the gateway's histogram
                 assert row["gateway_rows_per_backend_call"] >= 1
             else:
