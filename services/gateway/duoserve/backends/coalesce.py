@@ -65,25 +65,32 @@ def _freeze(value: Any) -> Hashable:
     return (type(value).__name__, value)
 
 
-def signature(request: InferenceRequest) -> tuple[Hashable, int] | None:
-    """What a request must share with others to be combined with them, and its rows; None
-    when it cannot be combined (no inputs, a scalar input, first dimensions that differ)."""
+def combinable_rows(request: InferenceRequest) -> int | None:
+    """The request's rows when it can be combined with others (every input has the same first
+    dimension, at least one row); None when it cannot (no inputs, a scalar input, first
+    dimensions that differ)."""
     rows = -1
-    inputs = []
     for tensor in request.inputs:
         shape = tensor.data.shape
         if not shape or (rows >= 0 and shape[0] != rows):
             return None
         rows = int(shape[0])
-        inputs.append((tensor.name, tensor.datatype, shape[1:], _freeze(tensor.parameters)))
-    if rows <= 0:
-        return None
+    return rows if rows > 0 else None
+
+
+def signature(request: InferenceRequest) -> Hashable:
+    """What a combinable request must share with others to be combined with them: its inputs'
+    names, datatypes, shapes past the first dimension and parameters, its requested outputs
+    and its parameters. Computed only for a request that queues."""
+    inputs = tuple(
+        (t.name, t.datatype, t.data.shape[1:], _freeze(t.parameters)) for t in request.inputs
+    )
     outputs = (
         None
         if request.outputs is None
         else tuple((o.name, _freeze(o.parameters)) for o in request.outputs)
     )
-    return (tuple(inputs), outputs, _freeze(request.parameters)), rows
+    return inputs, outputs, _freeze(request.parameters)
 
 
 class _Waiter:
@@ -150,11 +157,10 @@ class Coalescer:
         self._closed = False
 
     async def infer(self, request: InferenceRequest, deadline: Deadline) -> InferenceResponse:
-        found = signature(request)
-        if found is None or self._closed:
+        rows = combinable_rows(request)
+        if rows is None or self._closed:
             self._rows.observe(request.batch_size())
             return await self._call(request, deadline)
-        key, rows = found
         loop = asyncio.get_running_loop()
         group_key = (request.model, request.version, request.framework)
         group = self._groups.get(group_key)
@@ -175,7 +181,9 @@ class Coalescer:
                 group.in_flight -= 1
                 if not self._closed:
                     self._pump(group_key, group)
-        waiter = _Waiter(request, deadline, key, rows, loop.time(), loop.create_future())
+        waiter = _Waiter(
+            request, deadline, signature(request), rows, loop.time(), loop.create_future()
+        )
         group.queue.append(waiter)
         self._pump(group_key, group)
         try:
