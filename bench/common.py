@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,25 @@ def bench_segment(
         return float(lines[-1].split()[-1])
     except (IndexError, ValueError):
         return None
+
+
+@contextmanager
+def revision_trees(revisions: list[str], work: Path) -> Iterator[dict[str, Path]]:
+    """Each git revision checked out in a temporary worktree under ``work`` (removed on the
+    way out), keyed by the revision as given; a gateway started with PYTHONPATH at a tree's
+    services/gateway runs that revision's code."""
+    trees: dict[str, Path] = {}
+    try:
+        for revision in revisions:
+            tree = work / f"at-{len(trees)}-{revision.replace('/', '_')}"
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(tree), revision],
+                check=True,
+            )
+            trees[revision] = tree
+        yield trees
+    finally:
+        for tree in trees.values():
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False
+            )

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO  # noqa: E402
+from bench.common import REPO, revision_trees, start_stub_backend  # noqa: E402
 from bench.reference import SIGNATURES, STORE, model_yaml, update_markdown  # noqa: E402
 from duoserve_bench.report import machine_info, process_cpu_seconds  # noqa: E402
 from duoserve_bench.targets import RequestSpec, build_request, random_tensors  # noqa: E402
@@ -67,11 +67,15 @@ FRONT_DOOR = "gateway TorchServe API -> TorchServe"
 V2 = "gateway V2 JSON -> TorchServe"
 GATEWAY_SIDES = (FRONT_DOOR, V2)
 COALESCED = "gateway TorchServe API, coalesce"
+STUB_DIRECT = "stub direct"
+STUB_NGINX = "nginx -> stub"
+STUB_GATEWAY = "gateway TorchServe API -> stub"
 MARK = "PROXY-COST "
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
 # The issue's targets (gateway against TorchServe direct, same run).
 CPU_TARGET_MS = 0.2
+STUB_CPU_TARGET_MS = 0.12  # in front of a backend that costs nothing
 ADDED_P50_TARGET_MS = 0.4
 RATIO_TARGET = 0.8
 BATCH_LOG_SETTLE_S = 0.3
@@ -495,6 +499,128 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 server.stop()
 
 
+def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """What each proxy itself costs: in front of bench/stub_backend.py (answers at once, next
+    to no CPU), the stub direct, nginx, this tree's gateway and one gateway per ``--baseline``
+    revision (each from its own worktree), wrk at each level, rounds interleaved."""
+    with revision_trees(args.baseline, work) as baselines:
+        stub, stub_url = start_stub_backend()
+        servers: list[Gateway | Nginx] = []
+        try:
+            inputs, value_range, _, _ = SIGNATURES[args.model]
+            payload = random_tensors(inputs, 1, value_range, seed=0)
+            wait_until(lambda: http_get(stub_url + "/")[0] == 200, 20, "the stub backend", stub)
+            nginx = Nginx(work / "nginx-stub", stub_url)
+            servers.append(nginx)
+            nginx.start()
+            assert nginx.proc is not None
+            config = work / "stub.yaml"
+            backend = {"kind": "torchserve", "url": stub_url, "max_concurrency": 128}
+            config.write_text(
+                model_yaml(args.model, {"stub": backend}, {args.model: ("stub", "pytorch")})
+            )
+            direct = build_request(
+                target="torchserve", url=stub_url, model=args.model, payload=payload
+            )
+            via_nginx = build_request(
+                target="torchserve", url=nginx.url, model=args.model, payload=payload
+            )
+            listed: list[tuple[str, RequestSpec, int | None]] = [
+                (STUB_DIRECT, direct, None),
+                (STUB_NGINX, via_nginx, nginx.proc.pid),
+            ]
+            trees = {STUB_GATEWAY: REPO}
+            trees.update({f"{STUB_GATEWAY}, at {rev}": tree for rev, tree in baselines.items()})
+            for name, tree in trees.items():
+                env = {
+                    "DUOSERVE_LOG_LEVEL": "warning",
+                    "PYTHONPATH": str(tree / "services/gateway"),
+                }
+                gateway = Gateway(config, work, env=env)
+                servers.append(gateway)
+                gateway.start()
+                assert gateway.proc is not None
+                spec = build_request(
+                    target="gateway",
+                    url=gateway.url,
+                    model=args.model,
+                    payload=payload,
+                    protocol="torchserve",
+                )
+                listed.append((name, spec, gateway.proc.pid))
+            sides = [
+                Side(name, spec, lua_script(spec, work / f"stub{i}.lua"), pid)
+                for i, (name, spec, pid) in enumerate(listed)
+            ]
+            for side in sides:
+                check_answers(side)
+                if args.warmup > 0:
+                    run_wrk(side.spec.url, side.script, max(args.levels), args.warmup)
+            for level in args.levels:
+                for round_ in range(args.rounds):
+                    for side in sides if round_ % 2 == 0 else sides[::-1]:
+                        part = stub_segment(side, level, args.segment)
+                        side.segments.setdefault(level, []).append(part)
+                        print(
+                            f"  {side.name:<38} c={level:<2} round {round_ + 1}: "
+                            f"{part['requests'] / (part['duration_us'] / 1e6):8.1f} req/s",
+                            file=sys.stderr,
+                        )
+            return {s.name: {str(lv): pooled_stub(s, lv) for lv in args.levels} for s in sides}
+        finally:
+            for server in reversed(servers):
+                server.stop()
+            stop_group(stub)
+
+
+def stub_segment(side: Side, level: int, seconds: int) -> dict[str, Any]:
+    before = process_cpu_seconds(side.proxy_pid) if side.proxy_pid else None
+    result = run_wrk(side.spec.url, side.script, level, seconds)
+    if before is not None and side.proxy_pid:
+        result["proxy_cpu_s"] = process_cpu_seconds(side.proxy_pid) - before
+    failures = {k: result[k] for k in ("non_2xx", "connect", "read", "write", "timeout")}
+    if any(failures.values()) or result["requests"] == 0:
+        raise RuntimeError(f"{side.name} at c={level}: {result['requests']} requests, {failures}")
+    return result
+
+
+def pooled_stub(side: Side, level: int) -> dict[str, Any]:
+    """A stub side's segments together, and each round's proxy CPU per request (for ratios
+    between sides round by round: this machine's speed drifts between rounds)."""
+    parts = side.segments[level]
+    requests = sum(p["requests"] for p in parts)
+    duration_s = sum(p["duration_us"] for p in parts) / 1e6
+    row: dict[str, Any] = {
+        "requests": requests,
+        "rps": round(requests / duration_s, 1),
+        "p50_ms": round(statistics.median(p["p50_us"] for p in parts) / 1000, 3),
+        "p99_ms": round(statistics.median(p["p99_us"] for p in parts) / 1000, 3),
+        "proxy_cpu_ms_per_request": None,
+        "rounds_cpu_ms_per_request": None,
+        "segments": parts,
+    }
+    if all("proxy_cpu_s" in p for p in parts):
+        row["proxy_cpu_ms_per_request"] = round(
+            1000 * sum(p["proxy_cpu_s"] for p in parts) / requests, 3
+        )
+        row["rounds_cpu_ms_per_request"] = [
+            round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts
+        ]
+    return row
+
+
+def stub_ratios(stub: dict[str, Any], level: str) -> dict[str, float]:
+    """Each baseline gateway's CPU per request against this tree's: the median over rounds of
+    this tree / baseline, measured in the same round."""
+    head = stub[STUB_GATEWAY][level]["rounds_cpu_ms_per_request"]
+    out = {}
+    for name, levels in stub.items():
+        if name.startswith(f"{STUB_GATEWAY}, at "):
+            base = levels[level]["rounds_cpu_ms_per_request"]
+            out[name] = round(statistics.median(h / b for h, b in zip(head, base, strict=True)), 3)
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -556,7 +682,58 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": met,
                 }
             )
+    stub = result.get("stub")
+    if stub:
+        value = stub[STUB_GATEWAY][str(high)]["proxy_cpu_ms_per_request"]
+        out.append(
+            {
+                "side": STUB_GATEWAY,
+                "target": f"CPU ms per request at c={high} <= {STUB_CPU_TARGET_MS:g}",
+                "measured": value,
+                "met": None if value is None else value <= STUB_CPU_TARGET_MS,
+            }
+        )
     return out
+
+
+def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
+    """The stub part as table lines (markdown or text), then the baselines' ratios."""
+    stub = result.get("stub")
+    if not stub:
+        return []
+    low, high = str(min(result["levels"])), str(max(result["levels"]))
+    cells = [
+        f"c={low} p50 ms",
+        f"c={low} proxy CPU ms/req",
+        f"c={high} req/s",
+        f"c={high} proxy CPU ms/req",
+    ]
+    rows = []
+    for name, levels in stub.items():
+        rows.append(
+            (
+                name,
+                f"{levels[low]['p50_ms']:.2f}",
+                _num(levels[low]["proxy_cpu_ms_per_request"], "{:.3f}"),
+                f"{levels[high]['rps']:.0f}",
+                _num(levels[high]["proxy_cpu_ms_per_request"], "{:.3f}"),
+            )
+        )
+    if markdown:
+        lines = [f"| side | {' | '.join(cells)} |", "|---|" + "---:|" * len(cells)]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+    else:
+        width = max(38, *(len(r[0]) for r in rows))
+        lines = [f"{'side':<{width}} " + " ".join(f"{c:>22}" for c in cells)]
+        lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>22}" for v in r[1:]) for r in rows]
+    for level in (low, high):
+        for name, ratio in stub_ratios(stub, level).items():
+            base = name.split(", at ", 1)[1]
+            lines.append(
+                f"{'- ' if markdown else ''}CPU per request at c={level}, this tree / {base}: "
+                f"{ratio:.3f} (median of the rounds' ratios)"
+            )
+    return lines
 
 
 def text_table(result: dict[str, Any]) -> str:
@@ -576,6 +753,8 @@ def text_table(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call']):>12} "
             f"{_num(r['requests_per_torchserve_batch']):>13}"
         )
+    if result.get("stub"):
+        lines += ["", "In front of the stub backend:", *stub_lines(result, markdown=False)]
     lines.append("")
     for t in result["targets"]:
         met = "-" if t["met"] is None else ("met" if t["met"] else "missed")
@@ -617,7 +796,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call'])} | "
             f"{_num(r['requests_per_torchserve_batch'])} |"
         )
-    lines += ["", "Targets (issue 15), gateway against TorchServe direct:", ""]
+    if result.get("stub"):
+        lines += [
+            "",
+            "In front of bench/stub_backend.py (answers at once, next to no CPU: what each "
+            "proxy itself costs), same wrk settings"
+            + (
+                ", with the gateway of each baseline revision from its own worktree"
+                if result.get("baseline")
+                else ""
+            )
+            + ":",
+            "",
+            *stub_lines(result, markdown=True),
+        ]
+    lines += ["", "Targets (issue 15), gateway against TorchServe direct (and the stub):", ""]
     lines += ["| side | target | measured | met |", "|---|---|---:|---|"]
     for t in result["targets"]:
         met = "-" if t["met"] is None else ("yes" if t["met"] else "no")
@@ -652,8 +845,21 @@ def main(argv: list[str] | None = None) -> int:
         help="override the model's TorchServe options of services/torchserve/config.properties "
         "(batchSize, maxBatchDelay, minWorkers, maxWorkers), e.g. '{\"maxBatchDelay\": 0}'",
     )
+    parser.add_argument(
+        "--no-stub",
+        dest="stub",
+        action="store_false",
+        help="skip the part in front of bench/stub_backend.py (what each proxy itself costs)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="git revisions (comma-separated) whose gateway is measured beside this tree's in "
+        "the stub part, each from a temporary worktree, e.g. HEAD~3",
+    )
     args = parser.parse_args(argv)
     args.levels = sorted(int(v) for v in args.levels.split(","))
+    args.baseline = [v for v in args.baseline.split(",") if v]
     for tool in (NGINX_BIN, WRK_BIN):
         if not Path(tool).exists():
             parser.error(f"{tool} is not installed (Debian: apt-get install nginx-light wrk)")
@@ -677,10 +883,13 @@ def main(argv: list[str] | None = None) -> int:
             **args.torchserve_options,
         },
         "coalesce": args.coalesce,
+        "baseline": args.baseline,
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="duoserve-proxy-") as tmp:
         result["sides"] = measure(args, Path(tmp))
+        if args.stub:
+            result["stub"] = stub_part(args, Path(tmp))
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     result["table"] = table_rows(result)

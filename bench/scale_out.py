@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, start_stub_backend  # noqa: E402
+from bench.common import REPO, revision_trees, start_stub_backend  # noqa: E402
 from bench.reference import (  # noqa: E402
     SIGNATURES,
     STORE,
@@ -112,16 +111,15 @@ def replicas_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[st
 
 
 def cpu_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[str, Any]:
+    with revision_trees(args.baseline.split(","), work) as baselines:
+        return _cpu_runs(args, work, payload, {"HEAD": REPO, **baselines})
+
+
+def _cpu_runs(
+    args: argparse.Namespace, work: Path, payload: Any, trees: dict[str, Path]
+) -> dict[str, Any]:
     from tests.servers import Gateway, stop_group
 
-    trees = {"HEAD": REPO}
-    for revision in args.baseline.split(","):
-        tree = work / f"at-{revision}"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(tree), revision],
-            check=True,
-        )
-        trees[revision] = tree
     stub = None
     gateways: list[Any] = []
     try:
@@ -156,10 +154,6 @@ def cpu_part(args: argparse.Namespace, work: Path, payload: Any) -> dict[str, An
             gateway.stop()
         if stub is not None:
             stop_group(stub)
-        for tree in list(trees.values())[1:]:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False
-            )
 
 
 def _run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:

@@ -36,6 +36,8 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             str(markdown),
             "--coalesce",
             '{"max_calls_in_flight": 1}',
+            "--baseline",
+            "HEAD",
         ],
         capture_output=True,
         text=True,
@@ -72,9 +74,23 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
                 assert row["proxy_cpu_ms_per_request"] >= 0
     assert [r["side"] for r in report["table"]] == sides
     assert report["table"][0]["x_direct"] == 1.0
-    assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 1)
+    # In front of the stub backend: the stub direct, nginx, this tree's gateway and HEAD's
+    # (from a worktree), each with only 2xx answers and the proxies' CPU measured.
+    at_head = f"{proxy_cost.STUB_GATEWAY}, at HEAD"
+    stub_sides = [proxy_cost.STUB_DIRECT, proxy_cost.STUB_NGINX, proxy_cost.STUB_GATEWAY, at_head]
+    assert list(report["stub"]) == stub_sides
+    for side in stub_sides:
+        assert side in result.stdout
+        for level in ("1", "8"):
+            row = report["stub"][side][level]
+            assert row["requests"] > 0 and row["rps"] > 0, (side, level)
+            cpu = row["proxy_cpu_ms_per_request"]
+            assert (cpu is None) == (side == proxy_cost.STUB_DIRECT), (side, level, cpu)
+    assert set(proxy_cost.stub_ratios(report["stub"], "8")) == {at_head}
+    assert "this tree / HEAD" in result.stdout
+    assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 1) + 1
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     text = markdown.read_text()
     assert text.count(proxy_cost.BEGIN) == 1 and text.count(proxy_cost.END) == 1
-    for side in sides:
+    for side in [*sides, *stub_sides]:
         assert f"| {side} |" in text
