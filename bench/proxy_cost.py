@@ -726,8 +726,11 @@ def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
         width = max(38, *(len(r[0]) for r in rows))
         lines = [f"{'side':<{width}} " + " ".join(f"{c:>22}" for c in cells)]
         lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>22}" for v in r[1:]) for r in rows]
-    for level in (low, high):
-        for name, ratio in stub_ratios(stub, level).items():
+    ratios = [(level, stub_ratios(stub, level)) for level in (low, high)]
+    if markdown and any(found for _, found in ratios):
+        lines.append("")
+    for level, found in ratios:
+        for name, ratio in found.items():
             base = name.split(", at ", 1)[1]
             lines.append(
                 f"{'- ' if markdown else ''}CPU per request at c={level}, this tree / {base}: "
