@@ -44,12 +44,12 @@ class FakeBackend(ReplicatedBackend[Transport]):
 
     kind = "fake"
 
-    def __init__(self, coalesce: dict[str, Any] | None) -> None:
+    def __init__(self, coalesce: dict[str, Any] | None, replicas: int = 1) -> None:
         super().__init__("fake")
         self.metrics = Metrics(CollectorRegistry())
         self.endpoints = EndpointSet(
             "fake",
-            [("10.0.0.1", 1)],
+            [(f"10.0.0.{i}", 1) for i in range(1, replicas + 1)],
             connect=Transport,
             disconnect=Transport.close,
             probe=always,
@@ -244,6 +244,29 @@ async def test_several_calls_in_flight_before_requests_queue() -> None:
     backend.hold = False
     backend.release()
     await asyncio.gather(*tasks)
+    await backend.close()
+
+
+async def test_each_replica_in_rotation_takes_max_calls_in_flight() -> None:
+    """Three replicas take three calls at once where one takes one: coalescing must not funnel
+    a scaled-out backend through one replica's worth of calls."""
+    backend = FakeBackend({"max_calls_in_flight": 1}, replicas=3)
+    await backend.start()
+    assert len(backend.endpoints.usable) == 3
+    backend.hold = True
+    first = start(backend, [request(i) for i in range(3)])
+    await settle()
+    assert backend.rows_per_call() == [1, 1, 1]  # one each, at once: no queue yet
+    queued = start(backend, [request(3), request(4, rows=2)])
+    await settle()
+    assert backend.rows_per_call() == [1, 1, 1]  # every slot taken: they wait
+    backend.hold = False
+    backend.release()
+    answers = await asyncio.gather(*first, *queued)
+    assert backend.rows_per_call() == [1, 1, 1, 3]
+    for sent, got in zip([*(request(i) for i in range(3)), request(3), request(4, rows=2)],
+                         answers, strict=True):  # fmt: skip
+        assert_own_rows(sent, got)
     await backend.close()
 
 

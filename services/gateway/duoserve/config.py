@@ -82,8 +82,8 @@ class CoalesceConfig(_Strict):
     is free) while it holds fewer than max_batch_size rows; 0: at once, so requests are
     combined only while max_calls_in_flight calls are already out."""
     max_calls_in_flight: int = Field(2, ge=1, le=10_000)
-    """Combined calls out at once per model and version; requests beyond them queue and go out
-    together when one returns."""
+    """Combined calls out at once per model and version, per replica in rotation; requests
+    beyond them queue and go out together when one returns."""
 
 
 class RemoteBackendConfig(_BackendBase):

@@ -7,8 +7,9 @@ decode. With ``coalesce`` set on a remote backend in models.yaml, requests of th
 version are combined:
 
 - a request goes out at once, alone (in its own task, as without coalescing), while fewer than
-  ``max_calls_in_flight`` calls are out for its (model, version) and none is queued; otherwise
-  it queues;
+  ``max_calls_in_flight`` calls per replica in rotation are out for its (model, version) and
+  none is queued; otherwise it queues (so the limit grows and shrinks with the replica set:
+  three replicas take three times the calls of one);
 - when a call returns (or ``max_delay_ms`` after the oldest queued request, when that is set),
   the queued requests that are alike go out together as one call of at most
   ``max_batch_size`` rows: inputs concatenated along the first dimension, outputs split back
@@ -143,9 +144,18 @@ class Coalescer:
     ``call(request, deadline)`` makes one call to the backend (a replica picked for it)."""
 
     def __init__(
-        self, backend: str, config: CoalesceConfig, call: Call, metrics: Metrics, what: str
+        self,
+        backend: str,
+        config: CoalesceConfig,
+        call: Call,
+        metrics: Metrics,
+        what: str,
+        replicas: Callable[[], int] = lambda: 1,
     ) -> None:
+        """``replicas()``: how many replicas are in rotation now (each takes
+        ``max_calls_in_flight`` calls)."""
         self.backend = backend
+        self._replicas = replicas
         self.max_rows = config.max_batch_size
         self.max_delay_s = config.max_delay_ms / 1000
         self.max_calls = config.max_calls_in_flight
@@ -168,7 +178,7 @@ class Coalescer:
             group = self._groups[group_key] = _Group()
         if (
             not group.queue
-            and group.in_flight < self.max_calls
+            and group.in_flight < self.max_calls * max(1, self._replicas())
             and (self.max_delay_s == 0 or rows >= self.max_rows)
         ):
             # Nothing to wait for: the call is made in this request's own task, as without
@@ -217,7 +227,8 @@ class Coalescer:
         """Send what may go now: while a call slot is free, the oldest queued request with the
         requests alike queued after it, up to max_batch_size rows."""
         loop = asyncio.get_running_loop()
-        while group.in_flight < self.max_calls:
+        limit = self.max_calls * max(1, self._replicas())
+        while group.in_flight < limit:
             queue = [w for w in group.queue if not w.future.done()]
             if not queue:
                 group.queue = queue

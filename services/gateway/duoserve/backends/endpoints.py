@@ -556,8 +556,14 @@ class ReplicatedBackend(Backend, Generic[T]):
         if config is None:
             self.coalescer = None
             return
+        endpoints = self.endpoints
         self.coalescer = Coalescer(
-            self.name, config, self._call_one, self.endpoints.metrics, self.endpoints.what
+            self.name,
+            config,
+            self._call_one,
+            endpoints.metrics,
+            endpoints.what,
+            replicas=lambda: len(endpoints.usable),
         )
 
     async def infer(
