@@ -360,19 +360,27 @@ def segment(
         calls, rows = batch_rows(side.metrics_url)
         result["gateway_backend_calls"] = calls - rows_before[0]
         result["gateway_backend_rows"] = rows - rows_before[1]
+    return checked(side, level, result)
+
+
+def checked(side: Side, level: int, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of a wrk segment, unless a request failed (non-2xx or a socket error) or
+    none completed: then the run stops."""
     failures = {k: result[k] for k in ("non_2xx", "connect", "read", "write", "timeout")}
     if any(failures.values()) or result["requests"] == 0:
         raise RuntimeError(f"{side.name} at c={level}: {result['requests']} requests, {failures}")
     return result
 
 
-def pooled(side: Side, level: int) -> dict[str, Any]:
+def wrk_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Segments of one side and level together: req/s over their summed durations, latency
-    percentiles as the median of the segments' (wrk reports percentiles, not samples)."""
-    parts = side.segments[level]
+    percentiles as the median of the segments' (wrk reports percentiles, not samples), and the
+    proxy's CPU per request when it was measured (None otherwise)."""
     requests = sum(p["requests"] for p in parts)
     duration_s = sum(p["duration_us"] for p in parts) / 1e6
-    row: dict[str, Any] = {
+    measured = all("proxy_cpu_s" in p for p in parts)
+    cpu_s = sum(p["proxy_cpu_s"] for p in parts) if measured else 0.0
+    return {
         "requests": requests,
         "rps": round(requests / duration_s, 1),
         "p50_ms": round(statistics.median(p["p50_us"] for p in parts) / 1000, 3),
@@ -380,10 +388,20 @@ def pooled(side: Side, level: int) -> dict[str, Any]:
         "p99_ms": round(statistics.median(p["p99_us"] for p in parts) / 1000, 3),
         "non_2xx": sum(p["non_2xx"] for p in parts),
         "socket_errors": sum(p["connect"] + p["read"] + p["write"] + p["timeout"] for p in parts),
+        "proxy_cpu_ms_per_request": round(1000 * cpu_s / requests, 3) if measured else None,
+    }
+
+
+def pooled(side: Side, level: int) -> dict[str, Any]:
+    """A TorchServe side's segments together (wrk_summary), with TorchServe's CPU, calls and
+    batches per request and a coalescing gateway's rows per backend call."""
+    parts = side.segments[level]
+    row = wrk_summary(parts)
+    requests = row["requests"]
+    row.update({
         "torchserve_cpu_ms_per_request": round(
             1000 * sum(p["torchserve_cpu_s"] for p in parts) / requests, 3
         ),
-        "proxy_cpu_ms_per_request": None,
         # Wrk's requests (one row each) per call TorchServe's frontend received.
         "requests_per_torchserve_call": round(
             requests / max(1, sum(p["torchserve_calls"] for p in parts)), 2
@@ -394,14 +412,11 @@ def pooled(side: Side, level: int) -> dict[str, Any]:
             requests / max(1, sum(p["torchserve_batches"] for p in parts)), 2
         ),
         "segments": parts,
-    }
+    })  # fmt: skip
     if all("gateway_backend_calls" in p for p in parts):
         calls = sum(p["gateway_backend_calls"] for p in parts)
         rows = sum(p["gateway_backend_rows"] for p in parts)
         row["gateway_rows_per_backend_call"] = round(rows / calls, 2) if calls else None
-    if all("proxy_cpu_s" in p for p in parts):
-        cpu = sum(p["proxy_cpu_s"] for p in parts)
-        row["proxy_cpu_ms_per_request"] = round(1000 * cpu / requests, 3)
     return row
 
 
@@ -494,9 +509,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
         return {s.name: {str(level): pooled(s, level) for level in args.levels} for s in sides}
     finally:
-        for server in (*coalescing, gateway, nginx, torchserve):
-            if server is not None:
-                server.stop()
+        for started in (*coalescing, gateway, nginx, torchserve):
+            if started is not None:
+                started.stop()
 
 
 def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -578,34 +593,20 @@ def stub_segment(side: Side, level: int, seconds: int) -> dict[str, Any]:
     result = run_wrk(side.spec.url, side.script, level, seconds)
     if before is not None and side.proxy_pid:
         result["proxy_cpu_s"] = process_cpu_seconds(side.proxy_pid) - before
-    failures = {k: result[k] for k in ("non_2xx", "connect", "read", "write", "timeout")}
-    if any(failures.values()) or result["requests"] == 0:
-        raise RuntimeError(f"{side.name} at c={level}: {result['requests']} requests, {failures}")
-    return result
+    return checked(side, level, result)
 
 
 def pooled_stub(side: Side, level: int) -> dict[str, Any]:
     """A stub side's segments together, and each round's proxy CPU per request (for ratios
     between sides round by round: this machine's speed drifts between rounds)."""
     parts = side.segments[level]
-    requests = sum(p["requests"] for p in parts)
-    duration_s = sum(p["duration_us"] for p in parts) / 1e6
-    row: dict[str, Any] = {
-        "requests": requests,
-        "rps": round(requests / duration_s, 1),
-        "p50_ms": round(statistics.median(p["p50_us"] for p in parts) / 1000, 3),
-        "p99_ms": round(statistics.median(p["p99_us"] for p in parts) / 1000, 3),
-        "proxy_cpu_ms_per_request": None,
-        "rounds_cpu_ms_per_request": None,
-        "segments": parts,
-    }
-    if all("proxy_cpu_s" in p for p in parts):
-        row["proxy_cpu_ms_per_request"] = round(
-            1000 * sum(p["proxy_cpu_s"] for p in parts) / requests, 3
-        )
+    row = wrk_summary(parts)
+    row["rounds_cpu_ms_per_request"] = None
+    if row["proxy_cpu_ms_per_request"] is not None:
         row["rounds_cpu_ms_per_request"] = [
             round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts
         ]
+    row["segments"] = parts
     return row
 
 
