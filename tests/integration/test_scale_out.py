@@ -30,7 +30,7 @@ from duoserve.app import create_app
 from duoserve.backends.tfserving import TFServingBackend
 from duoserve.config import parse_config
 from duoserve.settings import Settings
-from tests.conftest import DIGITS_IO, v2_body
+from tests.conftest import DIGITS_IO, GatewayFactory, v2_body
 from tests.servers import REPO, Gateway, TorchServe, free_port, http_get
 from tests.tfserving_standin.fixture import StandinHandle, start_standin
 from tests.timing import eventually
@@ -253,6 +253,71 @@ async def test_torchserve_replicas_get_even_shares(
     # Two CPU-bound Java servers on a shared box are not equal; per request both get a real
     # share (a connection-pinned client would send nearly all to one).
     assert_fair(shares, tolerance=0.3)
+
+
+async def test_coalescing_in_front_of_two_torchserves_keeps_both_busy(
+    torchserves: list[TorchServe], gateway: GatewayFactory
+) -> None:
+    """`max_calls_in_flight` counts per replica: with 1 and two TorchServes, two combined calls
+    are out at once, one on each (one limit for the whole set would leave one idle while the
+    other works), each client gets its own rows, and fewer calls than requests reach them."""
+    endpoints = [ts.url.removeprefix("http://") for ts in torchserves]
+    backend = {
+        "kind": "torchserve",
+        "url": torchserves[0].url,
+        "endpoints": endpoints,
+        "coalesce": {"max_calls_in_flight": 1},
+    }
+    routes = [{"backend": "torchserve", "framework": "pytorch", "model": "digits"}]
+    model = {**DIGITS_IO, "routes": routes}
+    config = {"backends": {"torchserve": backend}, "models": {"digits": model}}
+    image = np.random.default_rng(5).uniform(0, 16, (1, 8, 8)).astype(np.float32)
+    before = [ts.inference_count() for ts in torchserves]
+    async with gateway(config) as (client, app):
+        registry = app.state.gateway.metrics.registry
+        busy: Counter[tuple[bool, ...]] = Counter()
+        done = False
+
+        async def watch() -> None:  # which replicas have a call in flight, every half ms
+            while not done:
+                busy[
+                    tuple(
+                        bool(registry.get_sample_value(
+                            "duoserve_endpoint_requests_in_flight",
+                            {"backend": "torchserve", "endpoint": endpoint},
+                        ))
+                        for endpoint in endpoints
+                    )
+                ] += 1  # fmt: skip
+                await asyncio.sleep(0.0005)
+
+        alone = await client.post("/v2/models/digits/infer", json=v2_body(image))
+        assert alone.status_code == 200, alone.text
+        expected = np.array(alone.json()["outputs"][0]["data"], dtype=np.float32)
+        watcher = asyncio.create_task(watch())
+        try:
+            for _ in range(5):
+                replies = await asyncio.gather(
+                    *(
+                        client.post("/v2/models/digits/infer", json=v2_body(image))
+                        for _ in range(40)
+                    )
+                )
+                for reply in replies:
+                    assert reply.status_code == 200, reply.text
+                    got = np.array(reply.json()["outputs"][0]["data"], dtype=np.float32)
+                    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        finally:
+            done = True
+            await watcher
+        rows = registry.get_sample_value(
+            "duoserve_backend_batch_rows_sum", {"backend": "torchserve"}
+        )
+    calls = [ts.inference_count() - b for ts, b in zip(torchserves, before, strict=True)]
+    assert rows == 201  # every request's row went out, in one call or another
+    assert busy[(True, True)] > 0, busy  # both replicas had a call in flight at once
+    assert all(c > 0 for c in calls), calls
+    assert sum(calls) < 201, calls  # requests were combined
 
 
 async def test_a_slow_replica_gets_at_most_half_its_share(
