@@ -77,7 +77,7 @@ def revision_trees(revisions: list[str], work: Path) -> Iterator[dict[str, Path]
     services/gateway runs that revision's code."""
     trees: dict[str, Path] = {}
     try:
-        for revision in revisions:
+        for revision in dict.fromkeys(revisions):  # each once
             tree = work / f"at-{len(trees)}-{revision.replace('/', '_')}"
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(tree), revision],

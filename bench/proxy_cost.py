@@ -311,7 +311,8 @@ class BatchCounter:
         self.partial = b""
 
     def read(self) -> int:
-        """Batches logged since the last call (0 on the first)."""
+        """Batches logged since the last call (all so far on the first). A line that reaches
+        the file after the segment's settle time counts in the next read."""
         try:
             with open(self.path, "rb") as log:
                 log.seek(self.offset)
@@ -407,9 +408,12 @@ def pooled(side: Side, level: int) -> dict[str, Any]:
             requests / max(1, sum(p["torchserve_calls"] for p in parts)), 2
         ),
         "gateway_rows_per_backend_call": None,
-        # Wrk's requests per batch TorchServe's workers ran (their model_log.log).
-        "requests_per_torchserve_batch": round(
-            requests / max(1, sum(p["torchserve_batches"] for p in parts)), 2
+        # Wrk's requests per batch TorchServe's workers ran (their model_log.log); None when
+        # the log showed no batch at all (no log, or another format): not a number to trust.
+        "requests_per_torchserve_batch": (
+            round(requests / batches, 2)
+            if (batches := sum(p["torchserve_batches"] for p in parts))
+            else None
         ),
         "segments": parts,
     })  # fmt: skip
@@ -727,7 +731,7 @@ def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
         width = max(38, *(len(r[0]) for r in rows))
         lines = [f"{'side':<{width}} " + " ".join(f"{c:>22}" for c in cells)]
         lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>22}" for v in r[1:]) for r in rows]
-    ratios = [(level, stub_ratios(stub, level)) for level in (low, high)]
+    ratios = [(level, stub_ratios(stub, level)) for level in dict.fromkeys((low, high))]
     if markdown and any(found for _, found in ratios):
         lines.append("")
     for level, found in ratios:

@@ -62,6 +62,7 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             # Batches from TorchServe's worker log: one request each at least, half that when
             # a late log line of one segment falls into the next; batchSize 8 calls at most.
             batch = row["requests_per_torchserve_batch"]
+            assert batch is not None, (side, level)  # the worker log showed batches
             assert 0.5 < batch <= (64 if side == coalesced else 8.5), (side, level, batch)
             if side == coalesced:  # rows per backend call, from the gateway's histogram
                 assert row["gateway_rows_per_backend_call"] >= 1

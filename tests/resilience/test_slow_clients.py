@@ -292,6 +292,50 @@ def test_a_whole_head_over_the_limit_in_one_write_gets_431(guarded: Gateway) -> 
     assert after - before == 2
 
 
+def test_the_431_check_counts_only_the_head(guarded: Gateway) -> None:
+    """What the check before parsing must not count as head, or miss (found in review): the
+    rest of a body answered early, a head's blank line split across two reads, and leading
+    blank lines in front of a fresh connection's first head."""
+    before = counter(guarded.url, "duoserve_rejected_connections_total", "head_too_large")
+    # A body the gateway answered before reading it (415), then sent whole in one write: the
+    # next request on the connection is a normal one, served.
+    with connect(guarded) as sock:
+        length = 4 * MAX_HEAD_BYTES
+        sock.sendall(
+            b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: gateway\r\n"
+            b"Content-Type: text/html\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n"
+        )
+        assert one_answer(sock).startswith(b"HTTP/1.1 415")
+        sock.sendall(b"x" * length)
+        time.sleep(0.3)  # the body's last read apart from the next head
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+    # A head whose blank line straddles two reads, then a body with a blank line of its own
+    # far past the limit: the head is small, the request is served.
+    with connect(guarded) as sock:
+        padded = BODY + b"\r\n\r\n" + b" " * 3 * MAX_HEAD_BYTES  # JSON white space
+        sock.sendall(
+            b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: gateway\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(padded)).encode()
+            + b"\r\n"
+        )
+        time.sleep(0.3)
+        sock.sendall(b"\r\n" + padded)
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+    # Blank lines first on a fresh connection, then a whole head over the limit: refused.
+    with connect(guarded) as sock:
+        sock.sendall(
+            b"\r\n\r\nGET /v2 HTTP/1.1\r\nHost: gateway\r\nX-Big: "
+            + b"a" * 3 * MAX_HEAD_BYTES
+            + b"\r\n\r\n"
+        )
+        status, _, _ = status_and_body(answer_of(sock, HEAD_S / 2))
+    assert status == 431
+    after = counter(guarded.url, "duoserve_rejected_connections_total", "head_too_large")
+    assert after - before == 1
+
+
 def test_connections_past_the_cap_get_503_at_once_until_idle_ones_time_out(
     guarded: Gateway,
 ) -> None:

@@ -112,6 +112,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_read = 0  # bytes read while the head is unfinished
         # A read longer than this may complete a head over the limit: looked at before parsing.
         self._max_head = self.guard.max_head_bytes if self.guard is not None else sys.maxsize
+        self._tail = b""  # the last bytes of a read that left a head unfinished
         self._counted = False  # in the open-connections gauge
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -148,11 +149,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         if self._awaiting == _HEAD:
+            # Bytes of this request's head read before: none until its first byte came (blank
+            # lines before a request are not part of its head).
+            before = self._head_read if self._began else 0
             self._head_read += len(data)
-            if self._head_read > self._max_head and self._head_ends_late(data, self._head_read):
+            if before + len(data) > self._max_head and self._head_ends_late(data, before):
                 return
         elif not self._awaiting and len(data) > self._max_head:
-            if self._head_ends_late(data, len(data)):
+            if self._head_ends_late(data, 0):
                 return
         HttpToolsProtocol.data_received(self, data)
         guard = self.guard
@@ -164,15 +168,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_read > guard.max_head_bytes:
                 self._refuse_head(guard)
                 return
+            self._tail = data[-3:]  # where the head's blank line may begin, for the next read
         elif not self._awaiting:
             cycle = self.cycle
             if cycle is None or not cycle.response_complete:
                 return  # a request is being answered: nothing is awaited from the client
-            # Bytes between requests that begin none (blank lines, which llhttp skips): they
-            # stopped uvicorn's keep-alive timer, so they start the next head's time.
+            # Bytes between requests that begin none (blank lines, which llhttp skips, or the
+            # rest of a body answered early): they stopped uvicorn's keep-alive timer, so they
+            # start the next head's time. Not its size: none of them is part of that head.
             self._awaiting = _HEAD
             self._since = self._last_read
-            self._head_read = len(data)
+            self._head_read = 0
         if self._deadline is None:
             self._arm(guard)
 
@@ -267,19 +273,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return self.cycle is not None and not self.cycle.response_complete
         return bool(self.pipeline)
 
-    def _head_ends_late(self, data: bytes, read: int) -> bool:
-        """Before parsing a read that takes the head (``read`` bytes of it so far, this read
-        included) past the limit: whether the head really is over it, and if so refuse it.
-        A head that ends in this read is measured to its blank line; one still unfinished
-        after the read is refused once parsed (data_received), as before."""
+    def _head_ends_late(self, data: bytes, before: int) -> bool:
+        """Before parsing a read that may take the head past the limit (``before``: bytes of
+        the head read earlier): whether the head ends in this read over the limit, and if so
+        refuse it. The head is measured to its blank line, which may begin in the previous
+        read; blank lines before a request do not count. A head still unfinished after the
+        read is refused once parsed (data_received)."""
         guard = self.guard
         if guard is None:
             return False
-        start = len(data) - len(data.lstrip(b"\r\n")) if not self._awaiting else 0
-        end = data.find(b"\r\n\r\n", start)
-        if end < 0:
-            return False  # unfinished: measured after parsing
-        size = read - len(data) + end + 4 - start
+        if self._began:  # the head began earlier: its blank line may straddle the two reads
+            tail = self._tail
+            end = (tail + data).find(b"\r\n\r\n")
+            if end < 0:
+                return False  # unfinished: measured after parsing
+            size = before + end + 4 - len(tail)
+        else:
+            start = len(data) - len(data.lstrip(b"\r\n"))
+            end = data.find(b"\r\n\r\n", start)
+            if end < 0:
+                return False
+            size = end + 4 - start
         if size <= guard.max_head_bytes:
             return False
         self._awaiting = _HEAD
