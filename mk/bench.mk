@@ -15,8 +15,9 @@ bench: setup models
 	$(PY) bench/tracing_cost.py
 
 # The gateway beside nginx (one worker, upstream keep-alive), both in front of one real
-# TorchServe, wrk as the client: c=1 latency, c=8 throughput, each proxy's CPU per request.
-# Needs nginx and wrk (Debian: nginx-light, wrk).
+# TorchServe, wrk as the client: c=1 latency, c=8 throughput, each proxy's CPU per request and
+# TorchServe's batch sizes; then both in front of bench/stub_backend.py (what each proxy itself
+# costs). Needs nginx and wrk (Debian: nginx-light, wrk).
 bench-proxy: setup models
 	$(PY) bench/proxy_cost.py --out bench-results --markdown BENCHMARKS.md
 
