@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -29,6 +29,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+
+from tests.loopback_http import LoopbackHTTPServer
 
 
 def _value(value: AnyValue) -> Any:
@@ -112,16 +114,12 @@ class OTLPReceiver:
                 self.end_headers()
                 self.wfile.write(answer)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackHTTPServer(Handler)
 
     @property
     def url(self) -> str:
         """The OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT): /v1/traces is appended to it."""
-        return f"http://127.0.0.1:{self.port}"
+        return self._http.url
 
     def hold(self) -> None:
         """From now on, hold every export unanswered (and its spans unread) until release()."""
@@ -187,6 +185,4 @@ class OTLPReceiver:
 
     def close(self) -> None:
         self.release()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._http.close()

@@ -4,9 +4,10 @@ sent it (TorchServe cannot show the headers it received)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback_http import LoopbackHTTPServer
 
 
 class RecordingBackend:
@@ -62,16 +63,11 @@ class RecordingBackend:
                     }
                 )
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackHTTPServer(Handler)
+        self.url = self._http.url
 
     def traceparents(self) -> list[str | None]:
         return [headers.get("traceparent") for _, headers in self.received]
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._http.close()

@@ -23,9 +23,10 @@ import os
 import subprocess
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from tests.loopback_http import LoopbackHTTPServer
 from tests.servers import REPO, free_port, http_get, stop_group, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -218,15 +219,12 @@ class WireTap:
 
             do_GET = do_POST = _relay  # noqa: N815 - http.server's method names
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Relay)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackHTTPServer(Relay, port)
+        self.port = self._http.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._http.url
 
     @property
     def address(self) -> str:
@@ -242,6 +240,4 @@ class WireTap:
             self.seen.clear()
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._http.close()
