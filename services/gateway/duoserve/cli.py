@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.log_format == "json":
         from logging.config import dictConfig
 
-        log_config = logging_config("json", settings.log_level)
+        log_config = logging_config(settings.log_level)
         dictConfig(log_config)
     else:
         logging.basicConfig(

@@ -80,14 +80,11 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def logging_config(log_format: str, level: str) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` for the whole process (root, uvicorn, the gateway):
-    uvicorn applies it in every worker process."""
+def logging_config(level: str) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` writing JSON lines for the whole process (root,
+    uvicorn, the gateway); the text format is uvicorn's own and needs none."""
     level = level.upper()
-    if log_format == "json":
-        formatter: dict[str, Any] = {"()": f"{__name__}.JSONFormatter"}
-    else:
-        formatter = {"format": "%(levelname)s %(name)s: %(message)s"}
+    formatter: dict[str, Any] = {"()": f"{__name__}.JSONFormatter"}
     handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
     quiet = {"handlers": ["default"], "level": level, "propagate": False}
     return {

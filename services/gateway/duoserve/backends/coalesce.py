@@ -154,7 +154,6 @@ class Coalescer:
     ) -> None:
         """``replicas()``: how many replicas are in rotation now (each takes
         ``max_calls_in_flight`` calls)."""
-        self.backend = backend
         self._replicas = replicas
         self.max_rows = config.max_batch_size
         self.max_delay_s = config.max_delay_ms / 1000
@@ -178,7 +177,7 @@ class Coalescer:
             group = self._groups[group_key] = _Group()
         if (
             not group.queue
-            and group.in_flight < self.max_calls * max(1, self._replicas())
+            and group.in_flight < self._limit()
             and (self.max_delay_s == 0 or rows >= self.max_rows)
         ):
             # Nothing to wait for: the call is made in this request's own task, as without
@@ -209,6 +208,10 @@ class Coalescer:
             self._drop(waiter)
             raise
 
+    def _limit(self) -> int:
+        """Calls a group may have out now: max_calls_in_flight per replica in rotation."""
+        return self.max_calls * max(1, self._replicas())
+
     def _drop(self, waiter: _Waiter) -> None:
         """A waiter that gave up: out of the queue (lazily), and its call cancelled when no
         one else waits for it."""
@@ -227,9 +230,10 @@ class Coalescer:
         """Send what may go now: while a call slot is free, the oldest queued request with the
         requests alike queued after it, up to max_batch_size rows."""
         loop = asyncio.get_running_loop()
-        limit = self.max_calls * max(1, self._replicas())
+        limit = self._limit()
+        # Filtered once: nothing here yields, so no waiter gives up while the queue is split.
+        queue = [w for w in group.queue if not w.future.done()]
         while group.in_flight < limit:
-            queue = [w for w in group.queue if not w.future.done()]
             if not queue:
                 group.queue = queue
                 break
@@ -248,7 +252,7 @@ class Coalescer:
                     if group.timer is None:
                         group.timer = loop.call_at(due, self._on_timer, group_key, group)
                     return
-            group.queue = rest
+            group.queue = queue = rest
             self._launch(group_key, group, batch, rows)
         if not group.in_flight and not group.queue and self._groups.get(group_key) is group:
             if group.timer is not None:
@@ -360,10 +364,8 @@ def combine(waiters: list[_Waiter]) -> tuple[InferenceRequest, Deadline]:
         # call, and one trace shows it (the others' call spans record no replica).
         trace=first.trace,
     )
-    latest = max((w.deadline for w in waiters), key=lambda d: d.expires_at)
-    deadline = Deadline(latest.budget_s)
-    deadline.expires_at = latest.expires_at
-    return merged, deadline
+    # The latest deadline of the requests in it (a Deadline is never changed once made).
+    return merged, max((w.deadline for w in waiters), key=lambda d: d.expires_at)
 
 
 def split(

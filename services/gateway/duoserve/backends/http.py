@@ -67,17 +67,15 @@ async def call(
     and status are noted there for its span.
     """
     timeout_s = deadline.check(f"the {what} call")
-    try:
-        if trace is None:
-            return await pool.request(
-                method, target, body=body, headers=headers, timeout_s=timeout_s
-            )
+    if trace is not None:
         trace.peer = pool.connect_to
         trace.target = target
         if trace.headers:
             headers = {**headers, **trace.headers} if headers else trace.headers
+    try:
         reply = await pool.request(method, target, body=body, headers=headers, timeout_s=timeout_s)
-        trace.status = reply.status
+        if trace is not None:
+            trace.status = reply.status
         return reply
     except TimeoutError:
         raise UpstreamTimeout(
