@@ -103,23 +103,20 @@ class GrpcAPI:
         )
         timeout = deadline.check("the TF Serving call")
         trace = request.trace
-        if trace is None:
-            try:
-                answer = await self._call(replica.predict, message, timeout)
-            except grpc.aio.AioRpcError as error:
-                raise grpc_error(self.name, error, what, deadline) from None
-            return decode_predict_response(answer, request, what)
-        # The trace context goes as gRPC metadata (lowercase keys, as HTTP/2 sends them).
-        trace.peer = replica.connect_to
-        trace.target = PREDICT
+        metadata = None
+        if trace is not None:
+            # The trace context goes as gRPC metadata (lowercase keys, as HTTP/2 sends them).
+            trace.peer = replica.connect_to
+            trace.target = PREDICT
+            metadata = tuple(trace.headers.items()) or None
         try:
-            answer = await self._call(
-                replica.predict, message, timeout, tuple(trace.headers.items()) or None
-            )
+            answer = await self._call(replica.predict, message, timeout, metadata)
         except grpc.aio.AioRpcError as error:
-            trace.status = error.code().name
+            if trace is not None:
+                trace.status = error.code().name
             raise grpc_error(self.name, error, what, deadline) from None
-        trace.status = "OK"
+        if trace is not None:
+            trace.status = "OK"
         return decode_predict_response(answer, request, what)
 
     async def ready(self, replica: GrpcReplica, model: str, version: str | None) -> bool:
