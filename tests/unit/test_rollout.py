@@ -70,10 +70,10 @@ def test_bucket_quantile_interpolates_as_prometheus_does() -> None:
     assert bucket_quantile(0.99, bounds, [0, 0, 0, 0]) is None
 
 
-def gates_of(phase: str = "step", **numbers: Any) -> dict[str, str]:
+def gates_of(phase: str = "step", share: float = 50.0, **numbers: Any) -> dict[str, str]:
     gates = {"min_requests": 100, "min_agreement": 0.99}
     block = RolloutConfig.model_validate(rollout_block(gates=gates))
-    return {g.name: g.state for g in judge(block, phase, Numbers(**numbers))}
+    return {g.name: g.state for g in judge(block, phase, Numbers(**numbers), share)}
 
 
 def test_gates_wait_for_enough_calls_and_then_pass() -> None:
@@ -97,6 +97,21 @@ def test_disagreement_and_differences_fail_early_latency_only_with_enough_calls(
     slow = {"target_p99": 0.05, "current_p99": 0.01}
     assert gates_of(target_calls=50, **slow)["max_p99_ratio"] == "waiting"
     assert gates_of(target_calls=100, **slow)["max_p99_ratio"] == "failed"
+
+
+def test_a_step_at_100_percent_passes_on_the_targets_own_calls() -> None:
+    # Every request goes to the target: none is left to copy, so nothing is compared.
+    enough = {"target_calls": 150, "target_p99": 0.011, "current_p99": 0.010}
+    assert set(gates_of(share=100, **enough).values()) == {"passed"}
+    assert set(gates_of(share=100, target_calls=50).values()) == {"waiting"}
+    # Below 100 % the agreement gates still wait for a comparison.
+    below = gates_of(share=50, **enough)
+    assert (below["min_agreement"], below["max_abs_diff"]) == ("waiting", "waiting")
+    # Copies sent in the step before that land now still count, and can still fail it.
+    late = gates_of(share=100, compared_rows=10, disagreeing_rows=2, **enough)
+    assert late["min_agreement"] == "failed"
+    beyond = gates_of(share=100, compared_rows=1, diff_exceeded=1, **enough)
+    assert beyond["max_abs_diff"] == "failed"
 
 
 def test_the_shadow_phase_counts_its_own_minimum() -> None:

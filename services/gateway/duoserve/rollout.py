@@ -78,9 +78,10 @@ class Gate:
         return {"value": self.value, "threshold": self.threshold, "state": self.state}
 
 
-def judge(config: RolloutConfig, phase: str, numbers: Numbers) -> list[Gate]:
+def judge(config: RolloutConfig, phase: str, numbers: Numbers, share: float = 0.0) -> list[Gate]:
     """Each gate's value against its threshold for one phase: passed, failed (it can no
-    longer pass), or waiting (not enough calls to tell)."""
+    longer pass), or waiting (not enough calls to tell). ``share``: the percent of requests
+    the target serves in this phase (at 100 no request is left to copy to it)."""
     gates = config.gates
     need = config.shadow.min_requests if phase == SHADOW else gates.min_requests
     calls = numbers.target_calls
@@ -109,6 +110,7 @@ def judge(config: RolloutConfig, phase: str, numbers: Numbers) -> list[Gate]:
     result.append(Gate("max_p99_ratio", p99_ratio, gates.max_p99_ratio, state))
 
     rows = numbers.compared_rows
+    uncopied = share >= 100.0
     disagree = numbers.disagreeing_rows
     agreement = 1 - disagree / rows if rows else None
     allowed = (1 - gates.min_agreement) * max(rows, need)
@@ -116,16 +118,22 @@ def judge(config: RolloutConfig, phase: str, numbers: Numbers) -> list[Gate]:
         state = "failed"
     elif rows >= need:
         state = "passed"
-    elif phase == STEP and rows and enough:
-        # At high steps few requests are left to copy from: the target's own calls decide
-        # when they are in, as long as what was compared agrees.
+    elif phase == STEP and enough and (rows or uncopied):
+        # At high steps few requests are left to copy from, and at 100 % none: the target's
+        # own calls decide when they are in, as long as what was compared agrees (copies
+        # sent in the step before may still land in this one).
         state = "passed"
     else:
         state = "waiting"
     result.append(Gate("min_agreement", agreement, gates.min_agreement, state))
 
     exceeded = numbers.diff_exceeded
-    state = "failed" if exceeded > 0.5 else ("passed" if rows else "waiting")
+    if exceeded > 0.5:
+        state = "failed"
+    elif rows or (phase == STEP and enough and uncopied):
+        state = "passed"
+    else:
+        state = "waiting"
     result.append(Gate("max_abs_diff", exceeded, gates.max_abs_diff, state))
     return result
 
@@ -453,7 +461,7 @@ class Rollout:
         except (OSError, TimeoutError, ValueError, KeyError) as error:
             log.warning("rollout of %s: cannot read its gates: %s", self.model, error)
             return False
-        self.gates = judge(self.config, self.phase, numbers)
+        self.gates = judge(self.config, self.phase, numbers, self.target_share)
         self._publish_gates()
         failed = [g for g in self.gates if g.state == "failed"]
         if failed:
