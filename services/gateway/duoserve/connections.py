@@ -18,11 +18,6 @@ set by ``duoserve serve``) plus, with the limits of a ``ConnectionGuard``:
 - past ``max_connections`` open connections in this worker, a new one is answered 503 and
   closed at once, before it can hold anything.
 
-And, with or without a guard, an answer's head leaves with its first body part, in one write:
-uvicorn writes the head as soon as the app sends ``http.response.start`` and the body on
-``http.response.body``, two sends (two TCP segments on loopback, each a system call through the
-whole TCP stack) for every small answer where nginx makes one (``OneWriteCycle``).
-
 Why here and not in ASGI middleware: a head that never ends never reaches the app, and a
 receive() timeout would cost a timer (or a task) per request. Here a connection has at most one
 timer, armed only when a read leaves a head or a body unfinished; the first request's head timer
@@ -44,11 +39,7 @@ from typing import Any, cast
 
 from starlette.types import Scope
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from duoserve.errors import DuoServeError, HeadersTooLarge, Overloaded, RequestTimeout
@@ -208,12 +199,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline.cancel()
             self._deadline = None
         HttpToolsProtocol.on_headers_complete(self)
-        # The cycle's task is created but has not run: it sends through a HeldHead from its
-        # first message on. (uvicorn builds the cycle itself, so it takes the subclass here.)
-        cycle = self.cycle
-        if cycle is not None and type(cycle) is RequestResponseCycle:
-            cycle.__class__ = OneWriteCycle
-            cycle.transport = HeldHead(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         HttpToolsProtocol.on_message_complete(self)
@@ -342,67 +327,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         lines.extend([b"\r\n", body])
         self.transport.write(b"".join(lines))
         self.transport.close()
-
-
-class HeldHead:
-    """A cycle's transport that holds the answer's head (the write made while ``holding``)
-    until the next write, and sends both in one; ``close`` and ``flush`` send a head still
-    held. Everything else goes straight to the connection's transport."""
-
-    __slots__ = ("transport", "holding", "head")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.holding = False
-        self.head: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.holding:
-            self.holding = False
-            self.head = data
-            return
-        head = self.head
-        if head is None:
-            self.transport.write(data)
-        else:
-            self.head = None
-            self.transport.writelines((head, data))  # uvloop: one writev
-
-    def flush(self) -> None:
-        self.holding = False
-        head = self.head
-        if head is not None:
-            self.head = None
-            self.transport.write(head)
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-
-class OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request-response cycle, sending the answer's head with its first body part
-    (see the module's docstring). An answer without a body write (HEAD, 204, 304, an empty
-    body) sends its head when its body message is sent; one whose app fails after
-    ``http.response.start`` sends it before the connection closes, as uvicorn did."""
-
-    transport: HeldHead  # type: ignore[assignment]
-
-    async def send(self, message: Any) -> None:
-        held = self.transport
-        kind = message["type"]
-        if kind == "http.response.start" and not self.response_started:
-            held.holding = True
-            try:
-                await RequestResponseCycle.send(self, message)
-            finally:
-                held.holding = False
-            return
-        try:
-            await RequestResponseCycle.send(self, message)
-        finally:
-            if held.head is not None:
-                held.flush()
