@@ -117,6 +117,32 @@ def test_whole_number_too_large_for_fp16_is_refused() -> None:
         array_from_json([70000], "FP16", "pixels")
 
 
+@pytest.mark.parametrize(
+    ("values", "datatype"),
+    [
+        ([3.0e38, -3.0e38], "FP32"),  # near the largest FP32 value, on either side of zero
+        ([float(np.finfo(np.float32).max)], "FP32"),  # the largest itself
+        ([1e38] * 64, "FP32"),  # each fits, though their squares add up past the largest's
+        ([65504.0, -65504.0], "FP16"),
+        ([255.0] * 64, "FP16"),
+    ],
+    ids=["fp32-near-max", "fp32-max", "fp32-many-large", "fp16-max", "fp16-pixels"],
+)
+def test_floats_up_to_the_largest_value_of_their_type_are_taken(
+    values: list[float], datatype: str
+) -> None:
+    array = array_from_json(values, datatype, "pixels")
+    assert array.dtype == numpy_dtype(datatype)
+    assert np.isfinite(array).all()
+    np.testing.assert_allclose(array.astype(np.float64), values, rtol=1e-3)
+
+
+def test_a_float_just_past_the_largest_fp32_value_is_refused() -> None:
+    # 3.5e38 is the only value past FP32's largest (about 3.4028e38) among values that fit.
+    with pytest.raises(BadRequest, match="too large for FP32"):
+        array_from_json([1.0] * 63 + [3.5e38], "FP32", "pixels")
+
+
 def test_too_deep_bytes_nesting() -> None:
     data: Any = "leaf"
     for _ in range(40):
