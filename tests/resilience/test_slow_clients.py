@@ -204,6 +204,24 @@ def test_blank_lines_between_requests_do_not_keep_a_connection_open(guarded: Gat
     assert HEAD_S - 0.1 <= elapsed <= HEAD_S + MARGIN_S
 
 
+def test_answers_name_no_server_software(guarded: Gateway) -> None:
+    # Neither an answer of the app (200, 404) nor one of the connection guard (408) says what
+    # the gateway runs on; each carries a date.
+    with httpx.Client(base_url=guarded.url, timeout=10) as client:
+        answers = [
+            client.get("/v2/health/live"),
+            client.post(INFER, content=BODY, headers={"content-type": "application/json"}),
+            client.get("/no/such/path"),
+        ]
+    assert [a.status_code for a in answers] == [200, 200, 404]
+    with connect(guarded) as sock:  # a head that never ends: the guard's 408
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: gateway\r\n".encode())
+        status, guard_headers, _ = status_and_body(answer_of(sock, HEAD_S + MARGIN_S))
+    assert status == 408
+    for headers in [*(dict(a.headers) for a in answers), guard_headers]:
+        assert "server" not in headers and "date" in headers
+
+
 def test_a_trickling_or_stalled_body_gets_408(guarded: Gateway) -> None:
     before = {
         reason: counter(guarded.url, "duoserve_client_timeouts_total", reason)

@@ -77,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
         # uvicorn's httptools protocol, with deadlines for slow clients and a connection cap.
         http=GuardedHttpToolsProtocol,
         ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
+        # No "server: uvicorn" on every answer: it tells a scanner what to try, and costs a
+        # header per answer. ("date" stays: HTTP/1.1 origin servers send it.)
+        server_header=False,
         log_level=settings.log_level,
         # In JSON the gateway writes its own access log (duoserve.logs.AccessLog).
         access_log=settings.access_log and settings.log_format == "text",
