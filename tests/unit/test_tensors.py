@@ -120,13 +120,15 @@ def test_whole_number_too_large_for_fp16_is_refused() -> None:
 @pytest.mark.parametrize(
     ("values", "datatype"),
     [
-        ([3.0e38, -3.0e38], "FP32"),  # near the largest FP32 value, on either side of zero
+        ([3.0e38, -1.0], "FP32"),  # near the largest FP32 value: the unchecked cast
+        ([-3.0e38, 3.0e38], "FP32"),  # both fit; the sum of their squares does not
         ([float(np.finfo(np.float32).max)], "FP32"),  # the largest itself
         ([1e38] * 64, "FP32"),  # each fits, though their squares add up past the largest's
         ([65504.0, -65504.0], "FP16"),
         ([255.0] * 64, "FP16"),
     ],
-    ids=["fp32-near-max", "fp32-max", "fp32-many-large", "fp16-max", "fp16-pixels"],
+    ids=["fp32-near-max", "fp32-two-near-max", "fp32-max", "fp32-many-large", "fp16-max",
+         "fp16-pixels"],  # fmt: skip
 )
 def test_floats_up_to_the_largest_value_of_their_type_are_taken(
     values: list[float], datatype: str
