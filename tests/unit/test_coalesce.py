@@ -270,6 +270,28 @@ async def test_each_replica_in_rotation_takes_max_calls_in_flight() -> None:
     await backend.close()
 
 
+async def test_a_replica_that_joins_takes_queued_requests_at_once() -> None:
+    """The limit grows with the rotation: what queued behind one replica's calls goes out to
+    a replica that joins, without waiting for a call to return."""
+    backend = FakeBackend({"max_calls_in_flight": 1})
+    await backend.start()
+    backend.hold = True
+    first = start(backend, [request(0)])
+    await settle()
+    queued = start(backend, [request(1), request(2)])
+    await settle()
+    assert backend.rows_per_call() == [1]  # the one slot is taken: they wait
+    backend.endpoints._apply([("10.0.0.1", 1), ("10.0.0.2", 1)], initial=False)
+    await settle()
+    assert backend.rows_per_call() == [1, 2]  # out together, while the first call still runs
+    backend.hold = False
+    backend.release()
+    answers = await asyncio.gather(*first, *queued)
+    for sent, got in zip([request(0), request(1), request(2)], answers, strict=True):
+        assert_own_rows(sent, got)
+    await backend.close()
+
+
 async def test_an_error_of_a_combined_call_reaches_every_request_in_it() -> None:
     backend = FakeBackend({"max_calls_in_flight": 1})
     backend.hold = True

@@ -201,6 +201,8 @@ async def test_consecutive_failures_eject_a_replica_and_a_probe_brings_it_back()
         slow_start_s=0,
     )
     await endpoints.start()
+    joins: list[int] = []  # what the set tells its listeners (a coalescer) on each return
+    endpoints.on_join.append(lambda: joins.append(len(endpoints.usable)))
     bad = endpoints.endpoints["10.0.0.2:1"]
     old_transport = bad.transport
     Replica.down.add(bad.address)
@@ -224,8 +226,10 @@ async def test_consecutive_failures_eject_a_replica_and_a_probe_brings_it_back()
     # Its ejection time passes, but its probe fails: it stays out.
     await asyncio.sleep(0.2)
     assert bad.state == "ejected"
+    assert joins == []
     Replica.down.clear()
     await eventually(lambda: bad.state == "active", "the replica returning after its probe", 2)
+    assert joins == [3]  # told once, with the replica back in rotation
     # It comes back on the fresh transport its probe used; the old one is closed.
     assert bad.transport is not old_transport
     await eventually(lambda: old_transport.closed, "the old transport closing", 2)

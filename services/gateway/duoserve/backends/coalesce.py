@@ -9,7 +9,8 @@ version are combined:
 - a request goes out at once, alone (in its own task, as without coalescing), while fewer than
   ``max_calls_in_flight`` calls per replica in rotation are out for its (model, version) and
   none is queued; otherwise it queues (so the limit grows and shrinks with the replica set:
-  three replicas take three times the calls of one);
+  three replicas take three times the calls of one, and a replica that joins the rotation
+  takes queued requests at once, ``pump_all``);
 - when a call returns (or ``max_delay_ms`` after the oldest queued request, when that is set),
   the queued requests that are alike go out together as one call of at most
   ``max_batch_size`` rows: inputs concatenated along the first dimension, outputs split back
@@ -207,6 +208,15 @@ class Coalescer:
         except asyncio.CancelledError:
             self._drop(waiter)
             raise
+
+    def pump_all(self) -> None:
+        """Send what every group's limit lets out now (called when a replica joins the
+        rotation: the limit grew, and queued requests would otherwise wait for a call to
+        return)."""
+        if self._closed:
+            return
+        for group_key, group in list(self._groups.items()):
+            self._pump(group_key, group)
 
     def _limit(self) -> int:
         """Calls a group may have out now: max_calls_in_flight per replica in rotation."""

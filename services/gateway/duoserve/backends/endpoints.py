@@ -224,6 +224,9 @@ class EndpointSet(Generic[T]):
         self._rng = rng or random.Random()
         self.endpoints: dict[str, Endpoint[T]] = {}  # active and ejected, by address
         self.usable: list[Endpoint[T]] = []  # active ones: what calls are spread over
+        self.on_join: list[Callable[[], None]] = []
+        """Called, on the loop, whenever a replica enters rotation (joins, or returns from
+        ejection): what holds calls back by the number of replicas may let more out."""
         self._draining: set[Endpoint[T]] = set()
         self._last_good: dict[tuple[str, int], list[str]] = {}
         self._resolve_failing: set[tuple[str, int]] = set()
@@ -294,6 +297,7 @@ class EndpointSet(Generic[T]):
         if self._closed:
             return
         now = time.monotonic()
+        before = len(self.usable)
         keep = {endpoint_label(h, p): (h, p) for h, p in wanted}
         for address, (host, port) in keep.items():
             if address in self.endpoints:
@@ -311,9 +315,12 @@ class EndpointSet(Generic[T]):
             self.metrics.endpoint_up.labels(self.backend, address).set(1)
             if not initial:
                 log.info("backend %s: endpoint %s joined", self.backend, address)
+        joined = len(self.usable) > before
         for address in [a for a in self.endpoints if a not in keep]:
             self._drain(self.endpoints.pop(address))
         self._count()
+        if joined:
+            self._joined()
 
     def _drain(self, endpoint: Endpoint[T]) -> None:
         log.info(
@@ -354,6 +361,10 @@ class EndpointSet(Generic[T]):
             # gateway started is found soon after it is.
             await asyncio.sleep(self.resolve_interval_s if self.usable else 1.0)
             await self.refresh()
+
+    def _joined(self) -> None:
+        for callback in self.on_join:
+            callback()
 
     def _count(self) -> None:
         counts = {"active": 0, "ejected": 0, "draining": len(self._draining)}
@@ -516,6 +527,7 @@ class EndpointSet(Generic[T]):
         self.usable.append(endpoint)
         self.metrics.endpoint_up.labels(self.backend, endpoint.address).set(1)
         self._count()
+        self._joined()
         log.warning(
             "backend %s: endpoint %s is back after a passing probe", self.backend, endpoint.address
         )
@@ -565,6 +577,14 @@ class ReplicatedBackend(Backend, Generic[T]):
             endpoints.what,
             replicas=lambda: len(endpoints.usable),
         )
+        if self._replica_joined not in endpoints.on_join:
+            endpoints.on_join.append(self._replica_joined)
+
+    def _replica_joined(self) -> None:
+        # The coalescer's limit grew with the rotation: queued requests need not wait for a
+        # call to return before the new replica's share of calls goes out.
+        if self.coalescer is not None:
+            self.coalescer.pump_all()
 
     async def infer(
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
