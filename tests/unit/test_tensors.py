@@ -126,9 +126,11 @@ def test_whole_number_too_large_for_fp16_is_refused() -> None:
         ([1e38] * 64, "FP32"),  # each fits, though their squares add up past the largest's
         ([65504.0, -65504.0], "FP16"),
         ([255.0] * 64, "FP16"),
+        ([0, 255, 2**62, -(2**63)], "FP32"),  # integers: any 64-bit one fits FP32
+        ([[1, 2], [3, 4]], "FP64"),
     ],
     ids=["fp32-near-max", "fp32-two-near-max", "fp32-max", "fp32-many-large", "fp16-max",
-         "fp16-pixels"],  # fmt: skip
+         "fp16-pixels", "fp32-integers", "fp64-integers"],  # fmt: skip
 )
 def test_floats_up_to_the_largest_value_of_their_type_are_taken(
     values: list[float], datatype: str
@@ -136,7 +138,7 @@ def test_floats_up_to_the_largest_value_of_their_type_are_taken(
     array = array_from_json(values, datatype, "pixels")
     assert array.dtype == numpy_dtype(datatype)
     assert np.isfinite(array).all()
-    np.testing.assert_allclose(array.astype(np.float64), values, rtol=1e-3)
+    np.testing.assert_allclose(array.astype(np.float64), np.array(values, float), rtol=1e-3)
 
 
 def test_a_float_just_past_the_largest_fp32_value_is_refused() -> None:
