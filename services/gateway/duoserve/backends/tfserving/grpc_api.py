@@ -33,7 +33,11 @@ _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # gRPC channel options. Keepalive pings only while calls are in flight, and no more often than
 # once a minute: gRPC servers (TF Serving included) answer more frequent pings with GOAWAY
 # "too_many_pings". Reconnect backoff is capped low so a restarted TF Serving is used again
-# within seconds instead of gRPC's default of up to two minutes.
+# within seconds instead of gRPC's default of up to two minutes. Each channel keeps its own
+# connections (a local subchannel pool): by default channels to the same address with the same
+# options share one connection and its reconnect backoff, so the fresh channel an ejected
+# replica's probe opens would inherit the backoff its failed probes grew, and a restarted replica
+# would wait up to max_reconnect_backoff_ms (plus jitter) before any probe could pass.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -45,6 +49,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
