@@ -577,14 +577,9 @@ class ReplicatedBackend(Backend, Generic[T]):
             endpoints.what,
             replicas=lambda: len(endpoints.usable),
         )
-        if self._replica_joined not in endpoints.on_join:
-            endpoints.on_join.append(self._replica_joined)
-
-    def _replica_joined(self) -> None:
-        # The coalescer's limit grew with the rotation: queued requests need not wait for a
-        # call to return before the new replica's share of calls goes out.
-        if self.coalescer is not None:
-            self.coalescer.pump_all()
+        # Its limit grows with the rotation: queued requests need not wait for a call to
+        # return before a joining replica's share of calls goes out.
+        endpoints.on_join.append(self.coalescer.pump_all)
 
     async def infer(
         self, request: InferenceRequest, deadline: Deadline, *, avoid: Collection[str] = ()
