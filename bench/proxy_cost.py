@@ -23,8 +23,15 @@ process) over the segment, from /proc, divided by the requests wrk completed; To
 (frontend and workers) likewise; TorchServe's calls per segment come from its metrics API
 (ts_inference_requests_total), and a coalescing gateway's rows per backend call from its
 duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status or a
-socket error fails the run. Writes bench-results/proxy-cost.json and the generated section of
-BENCHMARKS.md.
+socket error fails the run.
+
+Then (unless ``--no-stub``) the same wrk sides in front of bench/stub_backend.py, which answers
+at once: what each proxy itself costs. There, beside nginx and the gateway, runs the Python
+floor (bench/relay_floor.py: uvicorn as the gateway runs it and the gateway's HTTP client,
+relaying bodies as they are): the least any proxy on this Python stack costs, so the gateway's
+CPU above it is what its features and layers cost.
+
+Writes bench-results/proxy-cost.json and the generated section of BENCHMARKS.md.
 
     python bench/proxy_cost.py [--rounds 3] [--segment 4] [--markdown BENCHMARKS.md]
                                [--coalesce '{"max_calls_in_flight": 2}' ...]
@@ -70,6 +77,7 @@ COALESCED = "gateway TorchServe API, coalesce"
 STUB_DIRECT = "stub direct"
 STUB_NGINX = "nginx -> stub"
 STUB_GATEWAY = "gateway TorchServe API -> stub"
+STUB_FLOOR = "Python floor (uvicorn + the gateway's HTTP client) -> stub"
 MARK = "PROXY-COST "
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
@@ -197,6 +205,38 @@ class Nginx:
             wait_until(
                 lambda: http_get(self.url + "/ping")[0] != 502, timeout_s, "nginx", self.proc, log
             )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+
+class RelayFloor:
+    """bench/relay_floor.py (uvicorn and the gateway's HTTP client relaying bodies as they
+    are) in its own process group, on a free loopback port."""
+
+    def __init__(self, upstream: str, model: str) -> None:
+        self.port = free_port()
+        self.upstream = upstream
+        self.model = model
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench/relay_floor.py"), self.upstream, self.model,
+             str(self.port)],
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: http_get(self.url + "/")[0] == 200, timeout_s, "relay", self.proc)
         except BaseException:
             self.stop()
             raise
@@ -524,7 +564,7 @@ def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     revision (each from its own worktree), wrk at each level, rounds interleaved."""
     with revision_trees(args.baseline, work) as baselines:
         stub, stub_url = start_stub_backend()
-        servers: list[Gateway | Nginx] = []
+        servers: list[Gateway | Nginx | RelayFloor] = []
         try:
             inputs, value_range, _, _ = SIGNATURES[args.model]
             payload = random_tensors(inputs, 1, value_range, seed=0)
@@ -533,6 +573,10 @@ def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             servers.append(nginx)
             nginx.start()
             assert nginx.proc is not None
+            floor = RelayFloor(stub_url, args.model)
+            servers.append(floor)
+            floor.start()
+            assert floor.proc is not None
             config = work / "stub.yaml"
             backend = {"kind": "torchserve", "url": stub_url, "max_concurrency": 128}
             config.write_text(
@@ -544,9 +588,13 @@ def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             via_nginx = build_request(
                 target="torchserve", url=nginx.url, model=args.model, payload=payload
             )
+            via_floor = build_request(
+                target="torchserve", url=floor.url, model=args.model, payload=payload
+            )
             listed: list[tuple[str, RequestSpec, int | None]] = [
                 (STUB_DIRECT, direct, None),
                 (STUB_NGINX, via_nginx, nginx.proc.pid),
+                (STUB_FLOOR, via_floor, floor.proc.pid),
             ]
             trees = {STUB_GATEWAY: REPO}
             trees.update({f"{STUB_GATEWAY}, at {rev}": tree for rev, tree in baselines.items()})
@@ -614,15 +662,25 @@ def pooled_stub(side: Side, level: int) -> dict[str, Any]:
     return row
 
 
+def round_ratio(stub: dict[str, Any], level: str, side: str, reference: str) -> float | None:
+    """``side``'s CPU per request over ``reference``'s: the median over rounds of the two
+    measured in the same round (None where either was not measured)."""
+    mine = stub[side][level]["rounds_cpu_ms_per_request"]
+    base = stub[reference][level]["rounds_cpu_ms_per_request"]
+    if not mine or not base:
+        return None
+    return round(statistics.median(m / b for m, b in zip(mine, base, strict=True)), 3)
+
+
 def stub_ratios(stub: dict[str, Any], level: str) -> dict[str, float]:
     """Each baseline gateway's CPU per request against this tree's: the median over rounds of
     this tree / baseline, measured in the same round."""
-    head = stub[STUB_GATEWAY][level]["rounds_cpu_ms_per_request"]
     out = {}
-    for name, levels in stub.items():
+    for name in stub:
         if name.startswith(f"{STUB_GATEWAY}, at "):
-            base = levels[level]["rounds_cpu_ms_per_request"]
-            out[name] = round(statistics.median(h / b for h, b in zip(head, base, strict=True)), 3)
+            ratio = round_ratio(stub, level, STUB_GATEWAY, name)
+            if ratio is not None:
+                out[name] = ratio
     return out
 
 
@@ -732,8 +790,15 @@ def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
         lines = [f"{'side':<{width}} " + " ".join(f"{c:>22}" for c in cells)]
         lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>22}" for v in r[1:]) for r in rows]
     ratios = [(level, stub_ratios(stub, level)) for level in dict.fromkeys((low, high))]
-    if markdown and any(found for _, found in ratios):
-        lines.append("")
+    lines.append("")
+    for level in dict.fromkeys((low, high)):
+        above = round_ratio(stub, level, STUB_GATEWAY, STUB_FLOOR)
+        floor = round_ratio(stub, level, STUB_FLOOR, STUB_NGINX)
+        lines.append(
+            f"{'- ' if markdown else ''}CPU per request at c={level}: the gateway "
+            f"{_num(above)} times the Python floor's, the Python floor {_num(floor)} times "
+            "nginx's (medians of the rounds' ratios)"
+        )
     for level, found in ratios:
         for name, ratio in found.items():
             base = name.split(", at ", 1)[1]
@@ -808,7 +873,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "In front of bench/stub_backend.py (answers at once, next to no CPU: what each "
-            "proxy itself costs), same wrk settings"
+            "proxy itself costs), same wrk settings; the Python floor is bench/relay_floor.py "
+            "(uvicorn as the gateway runs it and the gateway's HTTP client, relaying bodies as "
+            "they are, with no other work)"
             + (
                 ", with the gateway of each baseline revision from its own worktree"
                 if result.get("baseline")

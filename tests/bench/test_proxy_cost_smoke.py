@@ -75,10 +75,17 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
                 assert row["proxy_cpu_ms_per_request"] >= 0
     assert [r["side"] for r in report["table"]] == sides
     assert report["table"][0]["x_direct"] == 1.0
-    # In front of the stub backend: the stub direct, nginx, this tree's gateway and HEAD's
-    # (from a worktree), each with only 2xx answers and the proxies' CPU measured.
+    # In front of the stub backend: the stub direct, nginx, the Python floor, this tree's
+    # gateway and HEAD's (from a worktree), each with only 2xx answers and the proxies' CPU
+    # measured.
     at_head = f"{proxy_cost.STUB_GATEWAY}, at HEAD"
-    stub_sides = [proxy_cost.STUB_DIRECT, proxy_cost.STUB_NGINX, proxy_cost.STUB_GATEWAY, at_head]
+    stub_sides = [
+        proxy_cost.STUB_DIRECT,
+        proxy_cost.STUB_NGINX,
+        proxy_cost.STUB_FLOOR,
+        proxy_cost.STUB_GATEWAY,
+        at_head,
+    ]
     assert list(report["stub"]) == stub_sides
     for side in stub_sides:
         assert side in result.stdout
@@ -89,6 +96,16 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             assert (cpu is None) == (side == proxy_cost.STUB_DIRECT), (side, level, cpu)
     assert set(proxy_cost.stub_ratios(report["stub"], "8")) == {at_head}
     assert "this tree / HEAD" in result.stdout
+    # The gateway against the Python floor, the floor against nginx, round by round.
+    pairs = [
+        (proxy_cost.STUB_GATEWAY, proxy_cost.STUB_FLOOR),
+        (proxy_cost.STUB_FLOOR, proxy_cost.STUB_NGINX),
+    ]
+    for side, reference in pairs:
+        for level in ("1", "8"):
+            ratio = proxy_cost.round_ratio(report["stub"], level, side, reference)
+            assert ratio is not None and ratio > 0, (side, reference, level)
+    assert "times the Python floor's" in result.stdout
     assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 1) + 1
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     text = markdown.read_text()

@@ -1,0 +1,75 @@
+"""The Python floor of a proxy: uvicorn as `duoserve serve` runs it (uvloop, httptools, no
+server header, no access log) and the gateway's own backend client (duoserve's HTTPPool), with
+nothing between them. Every POST's body goes as it is to UPSTREAM's /predictions/MODEL and the
+answer comes back as it is: no routing, parsing, validation, limits, metrics or headers.
+
+bench/proxy_cost.py runs it beside nginx and the gateway in front of bench/stub_backend.py:
+the gateway's CPU per request above this one's is what its features and layers cost; this
+one's is what any proxy written on this Python stack costs at least.
+
+    python bench/relay_floor.py UPSTREAM MODEL PORT
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "gateway"))
+
+import uvicorn  # noqa: E402
+
+from duoserve.backends.httpclient import HTTPPool  # noqa: E402
+
+
+def relay_app(upstream: str, model: str) -> Any:
+    pool: HTTPPool | None = None
+    target = f"/predictions/{model}"
+    head = [(b"content-type", b"application/json")]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal pool
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if pool is None:
+            pool = HTTPPool(upstream, 128)
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        reply = await pool.request(
+            "POST", target, body=b"".join(chunks), headers={"Content-Type": "application/json"},
+            timeout_s=10.0,
+        )  # fmt: skip
+        length = (b"content-length", str(len(reply.body)).encode())
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": [*head, length]}
+        )
+        await send({"type": "http.response.body", "body": reply.body})
+
+    return app
+
+
+def main() -> None:
+    upstream, model, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    uvicorn.run(
+        relay_app(upstream, model),
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        server_header=False,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()
