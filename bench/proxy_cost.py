@@ -40,6 +40,7 @@ Writes bench-results/proxy-cost.json and the generated section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,75 +178,82 @@ http {{
     return conf
 
 
-class Nginx:
-    """nginx in the foreground, in its own process group, on a free loopback port."""
+class LoopbackServer:
+    """A server process in its own process group, on a free loopback port."""
 
-    def __init__(self, directory: Path, upstream: str) -> None:
-        self.directory = directory
+    what = "server"
+
+    def __init__(self) -> None:
         self.port = free_port()
-        self.upstream = upstream
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def launch(
+        self, cmd: list[str], ready: Callable[[], bool], timeout_s: float, log: Path | None = None
+    ) -> None:
+        """Start ``cmd`` (output to ``log``, else inherited) and wait until ``ready()``."""
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=True,
+            )
+        try:
+            wait_until(ready, timeout_s, self.what, self.proc, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+
+class Nginx(LoopbackServer):
+    """nginx in the foreground, one worker, proxying to ``upstream``."""
+
+    what = "nginx"
+
+    def __init__(self, directory: Path, upstream: str) -> None:
+        super().__init__()
+        self.directory = directory
+        self.upstream = upstream
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = nginx_config(self.directory, self.port, self.upstream)
-        log = self.directory / "nginx.out"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [NGINX_BIN, "-p", str(self.directory), "-c", str(conf), "-g", "daemon off;"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
+        self.launch(
+            [NGINX_BIN, "-p", str(self.directory), "-c", str(conf), "-g", "daemon off;"],
             # Any answer (TorchServe's 401 for /ping without a key included) means it proxies.
-            wait_until(
-                lambda: http_get(self.url + "/ping")[0] != 502, timeout_s, "nginx", self.proc, log
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            self.proc = None
+            lambda: http_get(self.url + "/ping")[0] != 502,
+            timeout_s,
+            self.directory / "nginx.out",
+        )
 
 
-class RelayFloor:
-    """bench/relay_floor.py (uvicorn and the gateway's HTTP client relaying bodies as they
-    are) in its own process group, on a free loopback port."""
+class RelayFloor(LoopbackServer):
+    """bench/relay_floor.py: uvicorn and the gateway's HTTP client relaying bodies as they
+    are to ``upstream``'s /predictions/``model``."""
+
+    what = "the Python floor relay"
 
     def __init__(self, upstream: str, model: str) -> None:
-        self.port = free_port()
+        super().__init__()
         self.upstream = upstream
         self.model = model
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "bench/relay_floor.py"), self.upstream, self.model,
-             str(self.port)],
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            wait_until(lambda: http_get(self.url + "/")[0] == 200, timeout_s, "relay", self.proc)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            self.proc = None
+        script = str(REPO / "bench/relay_floor.py")
+        self.launch(
+            [sys.executable, script, self.upstream, self.model, str(self.port)],
+            lambda: http_get(self.url + "/")[0] == 200,
+            timeout_s,
+        )
 
 
 # -- wrk ------------------------------------------------------------------------------------
@@ -564,7 +573,7 @@ def stub_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     revision (each from its own worktree), wrk at each level, rounds interleaved."""
     with revision_trees(args.baseline, work) as baselines:
         stub, stub_url = start_stub_backend()
-        servers: list[Gateway | Nginx | RelayFloor] = []
+        servers: list[Gateway | LoopbackServer] = []
         try:
             inputs, value_range, _, _ = SIGNATURES[args.model]
             payload = random_tensors(inputs, 1, value_range, seed=0)
@@ -665,8 +674,8 @@ def pooled_stub(side: Side, level: int) -> dict[str, Any]:
 def round_ratio(stub: dict[str, Any], level: str, side: str, reference: str) -> float | None:
     """``side``'s CPU per request over ``reference``'s: the median over rounds of the two
     measured in the same round (None where either was not measured)."""
-    mine = stub[side][level]["rounds_cpu_ms_per_request"]
-    base = stub[reference][level]["rounds_cpu_ms_per_request"]
+    mine: list[float] | None = stub[side][level]["rounds_cpu_ms_per_request"]
+    base: list[float] | None = stub[reference][level]["rounds_cpu_ms_per_request"]
     if not mine or not base:
         return None
     return round(statistics.median(m / b for m, b in zip(mine, base, strict=True)), 3)
