@@ -201,3 +201,62 @@ async def test_cancel_on_disconnect_leaves_a_completed_response_alone() -> None:
     await CancelOnDisconnect(app)({"type": "http", "method": "POST"}, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert finished == [True]
+
+
+async def test_cancel_on_disconnect_watches_every_request_when_it_is_due() -> None:
+    """Several requests in flight at once: each gets its watcher once it has run watch_after_s
+    past its own body (not before); one answered sooner never gets one. Each client that then
+    leaves has its own handler cancelled."""
+    loop = asyncio.get_running_loop()
+    after_s = 0.05
+    cancelled: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        if scope["path"] == "/fast":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        try:
+            await asyncio.sleep(10)  # the backend call
+        except asyncio.CancelledError:
+            cancelled.append(scope["n"])
+            raise
+
+    guard = CancelOnDisconnect(app, watch_after_s=after_s)
+    body_read: dict[int, float] = {}
+    watched: dict[int, float] = {}
+    left = asyncio.Event()
+
+    def client(n: int) -> tuple[Any, Any]:
+        async def receive() -> dict[str, Any]:
+            if n not in body_read:
+                body_read[n] = loop.time()
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+            watched[n] = loop.time()  # only a watcher asks for more than the body
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            assert n == 3, "only the fast request answers"
+
+        return receive, send
+
+    tasks = []
+    for n, path in enumerate(["/slow", "/slow", "/slow", "/fast"]):
+        receive, send = client(n)
+        scope = {"type": "http", "method": "POST", "path": path, "n": n}
+        tasks.append(asyncio.ensure_future(guard(scope, receive, send)))
+        # Bodies read 10 ms apart, all before the first is due: they fall due one by one.
+        await asyncio.sleep(0.01)
+    await tasks[3]  # the fast one, answered at once
+    for _ in range(200):
+        if len(watched) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(watched) == [0, 1, 2]  # every slow request is watched, the fast one is not
+    for n in (0, 1, 2):
+        assert watched[n] - body_read[n] >= after_s - 0.001, (n, watched, body_read)
+    left.set()  # every slow client leaves: their handlers are cancelled and end quietly
+    await asyncio.gather(*tasks[:3])
+    assert sorted(cancelled) == [0, 1, 2]
