@@ -22,6 +22,8 @@ import uvicorn  # noqa: E402
 
 from duoserve.backends.httpclient import HTTPPool  # noqa: E402
 
+JSON = {"Content-Type": "application/json"}
+
 
 def relay_app(upstream: str, model: str) -> Any:
     pool: HTTPPool | None = None
@@ -43,10 +45,8 @@ def relay_app(upstream: str, model: str) -> Any:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        reply = await pool.request(
-            "POST", target, body=b"".join(chunks), headers={"Content-Type": "application/json"},
-            timeout_s=10.0,
-        )  # fmt: skip
+        body = b"".join(chunks)
+        reply = await pool.request("POST", target, body=body, headers=JSON, timeout_s=10.0)
         length = (b"content-length", str(len(reply.body)).encode())
         await send(
             {"type": "http.response.start", "status": reply.status, "headers": [*head, length]}
