@@ -26,19 +26,16 @@ JSON = {"Content-Type": "application/json"}
 
 
 def relay_app(upstream: str, model: str) -> Any:
-    pool: HTTPPool | None = None
+    pool = HTTPPool(upstream, 128)  # connects on first use, on the server's loop
     target = f"/predictions/{model}"
     head = [(b"content-type", b"application/json")]
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal pool
         if scope["type"] == "lifespan":
             while (await receive())["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if pool is None:
-            pool = HTTPPool(upstream, 128)
         chunks = []
         while True:
             message = await receive()

@@ -354,8 +354,8 @@ async def test_a_replica_killed_under_load_fails_no_request_and_is_taken_back(
             standins.handles[victim].kill()
             # Ejected after its third failed call. How soon a call reaches it depends on its
             # latency record: a replica that looked twice as slow as the others just before it
-            # died is chosen only once that record has faded (seconds on a busy 2-core box, seen
-            # at 1.4-3.9 s), and the calls it fails meanwhile are retried on the others.
+            # died is chosen only once that record has faded (0.7-3.9 s seen on a busy 2-core
+            # box), and the calls it fails meanwhile are retried on the others.
             await eventually(
                 blocking(lambda: endpoint_up(gateway_url, "tfs-grpc").get(address) == 0),
                 "the killed replica being ejected",
