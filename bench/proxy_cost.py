@@ -11,6 +11,9 @@ sides alike:
 
 * TorchServe direct                     POST /predictions/<model> with the inference key
 * nginx -> TorchServe                   the same request through nginx
+* Python floor -> TorchServe            the same request through bench/relay_floor.py (uvicorn
+                                        and the gateway's HTTP client, relaying bodies as they
+                                        are): the least any proxy on this Python stack costs
 * gateway TorchServe front door         POST /predictions/<model> on the gateway
 * gateway V2 JSON                       POST /v2/models/<model>/infer on the gateway
 * gateway TorchServe API, coalesce ...  with ``--coalesce SPEC`` (repeatable): the front door
@@ -18,18 +21,17 @@ sides alike:
                                         ``coalesce: SPEC`` (JSON, e.g. '{"max_calls_in_flight":
                                         2}'; '{}' for the defaults)
 
-A proxy's CPU per request is its utime + stime (nginx: master and worker; the gateway: its
-process) over the segment, from /proc, divided by the requests wrk completed; TorchServe's own
-(frontend and workers) likewise; TorchServe's calls per segment come from its metrics API
-(ts_inference_requests_total), and a coalescing gateway's rows per backend call from its
-duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status or a
+A proxy's CPU per request is its utime + stime (nginx: master and worker; the floor and the
+gateway: its process) over the segment, from /proc, divided by the requests wrk completed;
+TorchServe's own (frontend and workers) likewise; TorchServe's calls per segment come from its
+metrics API (ts_inference_requests_total), and a coalescing gateway's rows per backend call
+from its duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status or a
 socket error fails the run.
 
 Then (unless ``--no-stub``) the same wrk sides in front of bench/stub_backend.py, which answers
-at once: what each proxy itself costs. There, beside nginx and the gateway, runs the Python
-floor (bench/relay_floor.py: uvicorn as the gateway runs it and the gateway's HTTP client,
-relaying bodies as they are): the least any proxy on this Python stack costs, so the gateway's
-CPU above it is what its features and layers cost.
+at once: what each proxy itself costs. In both parts the gateway's CPU above the Python floor's
+is what its features and layers cost, and the floor's is the least any proxy on this Python
+stack costs, so each run shows whether a target is within reach of any Python proxy here.
 
 Writes bench-results/proxy-cost.json and the generated section of BENCHMARKS.md.
 
@@ -72,6 +74,7 @@ END = "<!-- proxy-cost:end -->"
 TS_CONFIG = REPO / "services" / "torchserve" / "config.properties"
 DIRECT = "TorchServe direct"
 NGINX = "nginx -> TorchServe"
+FLOOR = "Python floor (uvicorn + the gateway's HTTP client) -> TorchServe"
 FRONT_DOOR = "gateway TorchServe API -> TorchServe"
 V2 = "gateway V2 JSON -> TorchServe"
 GATEWAY_SIDES = (FRONT_DOOR, V2)
@@ -425,7 +428,8 @@ def checked(side: Side, level: int, result: dict[str, Any]) -> dict[str, Any]:
 def wrk_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Segments of one side and level together: req/s over their summed durations, latency
     percentiles as the median of the segments' (wrk reports percentiles, not samples), and the
-    proxy's CPU per request when it was measured (None otherwise)."""
+    proxy's CPU per request, pooled and per round (for ratios between sides round by round:
+    this machine's speed drifts between rounds), when it was measured (None otherwise)."""
     requests = sum(p["requests"] for p in parts)
     duration_s = sum(p["duration_us"] for p in parts) / 1e6
     measured = all("proxy_cpu_s" in p for p in parts)
@@ -439,6 +443,11 @@ def wrk_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "non_2xx": sum(p["non_2xx"] for p in parts),
         "socket_errors": sum(p["connect"] + p["read"] + p["write"] + p["timeout"] for p in parts),
         "proxy_cpu_ms_per_request": round(1000 * cpu_s / requests, 3) if measured else None,
+        "rounds_cpu_ms_per_request": (
+            [round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts]
+            if measured
+            else None
+        ),
     }
 
 
@@ -481,13 +490,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     (work / "torchserve").mkdir()
     torchserve = ConfiguredTorchServe(work / "torchserve", STORE / "torchserve", {model: options})
     nginx: Nginx | None = None
+    floor: RelayFloor | None = None
     gateway: Gateway | None = None
     coalescing: list[Gateway] = []
     try:
-        print(f"starting TorchServe ({options}), nginx and the gateway ...", file=sys.stderr)
+        print(
+            f"starting TorchServe ({options}), nginx, the Python floor and the gateway ...",
+            file=sys.stderr,
+        )
         torchserve.start()
         nginx = Nginx(work / "nginx", torchserve.url)
         nginx.start()
+        floor = RelayFloor(torchserve.url, model)
+        floor.start()
         backend = {
             "kind": "torchserve",
             "url": torchserve.url,
@@ -507,13 +522,16 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             coalescing.append(Gateway(config, work, env={"DUOSERVE_LOG_LEVEL": "warning"}))
             coalescing[-1].start()
         assert torchserve.proc is not None and nginx.proc is not None
-        assert gateway.proc is not None
+        assert floor.proc is not None and gateway.proc is not None
         token = torchserve.inference_key()
         direct = build_request(
             target="torchserve", url=torchserve.url, model=model, payload=payload, token=token
         )
         via_nginx = build_request(
             target="torchserve", url=nginx.url, model=model, payload=payload, token=token
+        )
+        via_floor = build_request(
+            target="torchserve", url=floor.url, model=model, payload=payload, token=token
         )
         front = build_request(
             target="gateway", url=gateway.url, model=model, payload=payload, protocol="torchserve"
@@ -524,6 +542,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         listed: list[tuple[str, RequestSpec, int | None, str | None]] = [
             (DIRECT, direct, None, None),
             (NGINX, via_nginx, nginx.proc.pid, None),
+            (FLOOR, via_floor, floor.proc.pid, None),
             (FRONT_DOOR, front, gateway.proc.pid, None),
             (V2, v2, gateway.proc.pid, None),
         ]
@@ -562,7 +581,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
         return {s.name: {str(level): pooled(s, level) for level in args.levels} for s in sides}
     finally:
-        for started in (*coalescing, gateway, nginx, torchserve):
+        for started in (*coalescing, gateway, floor, nginx, torchserve):
             if started is not None:
                 started.stop()
 
@@ -658,24 +677,17 @@ def stub_segment(side: Side, level: int, seconds: int) -> dict[str, Any]:
 
 
 def pooled_stub(side: Side, level: int) -> dict[str, Any]:
-    """A stub side's segments together, and each round's proxy CPU per request (for ratios
-    between sides round by round: this machine's speed drifts between rounds)."""
+    """A stub side's segments together (wrk_summary)."""
     parts = side.segments[level]
-    row = wrk_summary(parts)
-    row["rounds_cpu_ms_per_request"] = None
-    if row["proxy_cpu_ms_per_request"] is not None:
-        row["rounds_cpu_ms_per_request"] = [
-            round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts
-        ]
-    row["segments"] = parts
-    return row
+    return {**wrk_summary(parts), "segments": parts}
 
 
-def round_ratio(stub: dict[str, Any], level: str, side: str, reference: str) -> float | None:
-    """``side``'s CPU per request over ``reference``'s: the median over rounds of the two
-    measured in the same round (None where either was not measured)."""
-    mine: list[float] | None = stub[side][level]["rounds_cpu_ms_per_request"]
-    base: list[float] | None = stub[reference][level]["rounds_cpu_ms_per_request"]
+def round_ratio(sides: dict[str, Any], level: str, side: str, reference: str) -> float | None:
+    """``side``'s CPU per request over ``reference``'s (``sides``: a part's pooled rows): the
+    median over rounds of the two measured in the same round (None where either was not
+    measured)."""
+    mine: list[float] | None = sides[side][level]["rounds_cpu_ms_per_request"]
+    base: list[float] | None = sides[reference][level]["rounds_cpu_ms_per_request"]
     if not mine or not base:
         return None
     return round(statistics.median(m / b for m, b in zip(mine, base, strict=True)), 3)
@@ -730,12 +742,13 @@ def gateway_sides(result: dict[str, Any]) -> list[str]:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets for each gateway side, against direct TorchServe (same run)."""
+    """The issue's targets for each gateway side, against direct TorchServe (same run), and for
+    the Python floor: what any proxy on this stack reaches at best."""
     rows = {r["side"]: r for r in result["table"]}
     direct = rows[DIRECT]
     low, high = min(result["levels"]), max(result["levels"])
     out = []
-    for name in gateway_sides(result):
+    for name in (*gateway_sides(result), FLOOR):
         row = rows[name]
         checks: list[tuple[str, float | None, float, bool]] = [
             (f"CPU ms per request at c={high}", row["proxy_cpu_ms_per_request"], CPU_TARGET_MS,
@@ -766,6 +779,29 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def floor_line(
+    sides: dict[str, Any], level: str, names: tuple[str, str, str], where: str, markdown: bool
+) -> str:
+    """The gateway's CPU per request over the Python floor's, and the floor's over nginx's,
+    round by round (``names``: the gateway, floor and nginx sides of one part)."""
+    gateway, floor, nginx = names
+    return (
+        f"{'- ' if markdown else ''}CPU per request at c={level}{where}: the gateway "
+        f"{_num(round_ratio(sides, level, gateway, floor))} times the Python floor's, the "
+        f"Python floor {_num(round_ratio(sides, level, floor, nginx))} times nginx's (medians "
+        "of the rounds' ratios)"
+    )
+
+
+def torchserve_floor_lines(result: dict[str, Any], markdown: bool) -> list[str]:
+    """floor_line for the TorchServe part (the gateway's TorchServe front door)."""
+    low, high = str(min(result["levels"])), str(max(result["levels"]))
+    names = (FRONT_DOOR, FLOOR, NGINX)
+    where = " in front of TorchServe"
+    levels = dict.fromkeys((low, high))
+    return [floor_line(result["sides"], level, names, where, markdown) for level in levels]
 
 
 def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
@@ -801,13 +837,7 @@ def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
     ratios = [(level, stub_ratios(stub, level)) for level in dict.fromkeys((low, high))]
     lines.append("")
     for level in dict.fromkeys((low, high)):
-        above = round_ratio(stub, level, STUB_GATEWAY, STUB_FLOOR)
-        floor = round_ratio(stub, level, STUB_FLOOR, STUB_NGINX)
-        lines.append(
-            f"{'- ' if markdown else ''}CPU per request at c={level}: the gateway "
-            f"{_num(above)} times the Python floor's, the Python floor {_num(floor)} times "
-            "nginx's (medians of the rounds' ratios)"
-        )
+        lines.append(floor_line(stub, level, (STUB_GATEWAY, STUB_FLOOR, STUB_NGINX), "", markdown))
     for level, found in ratios:
         for name, ratio in found.items():
             base = name.split(", at ", 1)[1]
@@ -835,6 +865,7 @@ def text_table(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call']):>12} "
             f"{_num(r['requests_per_torchserve_batch']):>13}"
         )
+    lines += ["", *torchserve_floor_lines(result, markdown=False)]
     if result.get("stub"):
         lines += ["", "In front of the stub backend:", *stub_lines(result, markdown=False)]
     lines.append("")
@@ -856,11 +887,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"1 row per request; wrk ({result['wrk']}, one thread) closed loop, "
         f"{result['rounds']} interleaved rounds of {result['segment_s']} s per side and level; "
         f"TorchServe as services/torchserve/config.properties has it ({ts}, one intra-op "
-        "thread per worker), nginx with one worker and upstream keep-alive. Latency: median "
+        "thread per worker), nginx with one worker and upstream keep-alive, the Python floor "
+        "(bench/relay_floor.py) relaying bodies as they are. Latency: median "
         "of the rounds' wrk percentiles. CPU per request at "
         f"c={high}: utime + stime from /proc over the segments, divided by the requests "
-        "completed (nginx: master and worker; the gateway: its process; TorchServe: frontend "
-        "and workers); requests per TorchServe call from its ts_inference_requests_total, "
+        "completed (nginx: master and worker; the Python floor and the gateway: its process; "
+        "TorchServe: frontend and workers); requests per TorchServe call from its "
+        "ts_inference_requests_total, "
         "requests per batch its workers ran from their model_log.log (one line a batch). "
         "Every answer was a 2xx. Numbers from this shared machine are noisy: compare within "
         "the run.",
@@ -878,6 +911,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call'])} | "
             f"{_num(r['requests_per_torchserve_batch'])} |"
         )
+    lines += ["", *torchserve_floor_lines(result, markdown=True)]
     if result.get("stub"):
         lines += [
             "",
@@ -894,7 +928,12 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             *stub_lines(result, markdown=True),
         ]
-    lines += ["", "Targets (issue 15), gateway against TorchServe direct (and the stub):", ""]
+    lines += [
+        "",
+        "Targets (issue 15) against TorchServe direct (and the stub), for the gateway and, as "
+        "the least any proxy on this Python stack costs, the Python floor:",
+        "",
+    ]
     lines += ["| side | target | measured | met |", "|---|---|---:|---|"]
     for t in result["targets"]:
         met = "-" if t["met"] is None else ("yes" if t["met"] else "no")

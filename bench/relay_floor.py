@@ -1,11 +1,13 @@
 """The Python floor of a proxy: uvicorn as `duoserve serve` runs it (uvloop, httptools, no
 server header, no access log) and the gateway's own backend client (duoserve's HTTPPool), with
-nothing between them. Every POST's body goes as it is to UPSTREAM's /predictions/MODEL and the
-answer comes back as it is: no routing, parsing, validation, limits, metrics or headers.
+nothing between them. Every POST's body goes as it is to UPSTREAM's /predictions/MODEL, with
+the client's Authorization header if it sent one (as nginx passes it on), and the answer comes
+back as it is: no routing, parsing, validation, limits, metrics or other headers. Any other
+method gets an empty 200 from the relay itself (the benchmark's readiness check).
 
-bench/proxy_cost.py runs it beside nginx and the gateway in front of bench/stub_backend.py:
-the gateway's CPU per request above this one's is what its features and layers cost; this
-one's is what any proxy written on this Python stack costs at least.
+bench/proxy_cost.py runs it beside nginx and the gateway, in front of the real TorchServe and
+of bench/stub_backend.py: the gateway's CPU per request above this one's is what its features
+and layers cost; this one's is what any proxy written on this Python stack costs at least.
 
     python bench/relay_floor.py UPSTREAM MODEL PORT
 """
@@ -36,6 +38,10 @@ def relay_app(upstream: str, model: str) -> Any:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["method"] != "POST":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         chunks = []
         while True:
             message = await receive()
@@ -43,7 +49,11 @@ def relay_app(upstream: str, model: str) -> Any:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        reply = await pool.request("POST", target, body=body, headers=JSON, timeout_s=10.0)
+        headers = JSON
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                headers = {**JSON, "Authorization": value.decode("latin-1")}
+        reply = await pool.request("POST", target, body=body, headers=headers, timeout_s=10.0)
         length = (b"content-length", str(len(reply.body)).encode())
         await send(
             {"type": "http.response.start", "status": reply.status, "headers": [*head, length]}

@@ -1,5 +1,5 @@
-"""bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx and the gateway
-(and a coalescing gateway), wrk as the client; every side answers 2xx only and lands in the
+"""bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx, the Python floor
+and the gateway (and a coalescing gateway), wrk as the client; every side answers 2xx only and lands in the
 table and the JSON."""
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     coalesced = proxy_cost.coalesced_side({"max_calls_in_flight": 1})
-    sides = [proxy_cost.DIRECT, proxy_cost.NGINX, *proxy_cost.GATEWAY_SIDES, coalesced]
+    sides = [
+        proxy_cost.DIRECT,
+        proxy_cost.NGINX,
+        proxy_cost.FLOOR,
+        *proxy_cost.GATEWAY_SIDES,
+        coalesced,
+    ]
     for side in sides:
         assert side in result.stdout  # the terminal table
     report = json.loads((tmp_path / "out" / "proxy-cost.json").read_text())
@@ -70,7 +76,7 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
                 assert row["gateway_rows_per_backend_call"] is None
             if side == proxy_cost.DIRECT:
                 assert row["proxy_cpu_ms_per_request"] is None
-            else:  # nginx (master and worker) or the gateway: measured from /proc
+            else:  # nginx (master and worker), the floor or the gateway: measured from /proc
                 assert row["proxy_cpu_ms_per_request"] is not None
                 assert row["proxy_cpu_ms_per_request"] >= 0
     assert [r["side"] for r in report["table"]] == sides
@@ -96,7 +102,16 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             assert (cpu is None) == (side == proxy_cost.STUB_DIRECT), (side, level, cpu)
     assert set(proxy_cost.stub_ratios(report["stub"], "8")) == {at_head}
     assert "this tree / HEAD" in result.stdout
-    # The gateway against the Python floor, the floor against nginx, round by round.
+    # The gateway against the Python floor, the floor against nginx, round by round, in front
+    # of TorchServe and of the stub.
+    for side, reference in [
+        (proxy_cost.FRONT_DOOR, proxy_cost.FLOOR),
+        (proxy_cost.FLOOR, proxy_cost.NGINX),
+    ]:
+        for level in ("1", "8"):
+            ratio = proxy_cost.round_ratio(report["sides"], level, side, reference)
+            assert ratio is not None and ratio > 0, (side, reference, level)
+    assert "in front of TorchServe: the gateway" in result.stdout
     pairs = [
         (proxy_cost.STUB_GATEWAY, proxy_cost.STUB_FLOOR),
         (proxy_cost.STUB_FLOOR, proxy_cost.STUB_NGINX),
@@ -106,7 +121,10 @@ def test_proxy_cost_measures_every_side_with_only_2xx(model_store: Path, tmp_pat
             ratio = proxy_cost.round_ratio(report["stub"], level, side, reference)
             assert ratio is not None and ratio > 0, (side, reference, level)
     assert "times the Python floor's" in result.stdout
-    assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 1) + 1
+    # Three targets for each gateway side and the floor in front of TorchServe, one in front
+    # of the stub; the floor's are there to show what any Python proxy reaches here.
+    assert len(report["targets"]) == 3 * (len(proxy_cost.GATEWAY_SIDES) + 2) + 1
+    assert {t["side"] for t in report["targets"]} >= {proxy_cost.FLOOR, coalesced}
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     text = markdown.read_text()
     assert text.count(proxy_cost.BEGIN) == 1 and text.count(proxy_cost.END) == 1
