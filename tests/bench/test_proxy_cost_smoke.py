@@ -1,6 +1,6 @@
 """bench/proxy_cost.py end to end with tiny segments: real TorchServe, nginx, the Python floor
-and the gateway (and a coalescing gateway), wrk as the client; every side answers 2xx only and lands in the
-table and the JSON."""
+and the gateway (and a coalescing gateway), wrk as the client; every side answers 2xx only and
+lands in the table and the JSON."""
 
 from __future__ import annotations
 
