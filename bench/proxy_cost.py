@@ -25,8 +25,8 @@ A proxy's CPU per request is its utime + stime (nginx: master and worker; the fl
 gateway: its process) over the segment, from /proc, divided by the requests wrk completed;
 TorchServe's own (frontend and workers) likewise; TorchServe's calls per segment come from its
 metrics API (ts_inference_requests_total), and a coalescing gateway's rows per backend call
-from its duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status or a
-socket error fails the run.
+from its duoserve_backend_batch_rows. Every answer must be a 2xx: a side with any other status
+or a socket error fails the run.
 
 Then (unless ``--no-stub``) the same wrk sides in front of bench/stub_backend.py, which answers
 at once: what each proxy itself costs. In both parts the gateway's CPU above the Python floor's
@@ -83,6 +83,9 @@ STUB_DIRECT = "stub direct"
 STUB_NGINX = "nginx -> stub"
 STUB_GATEWAY = "gateway TorchServe API -> stub"
 STUB_FLOOR = "Python floor (uvicorn + the gateway's HTTP client) -> stub"
+# Each part's gateway, floor and nginx sides (floor_line).
+TORCHSERVE_FLOOR_SIDES = (FRONT_DOOR, FLOOR, NGINX)
+STUB_FLOOR_SIDES = (STUB_GATEWAY, STUB_FLOOR, STUB_NGINX)
 MARK = "PROXY-COST "
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
@@ -444,9 +447,7 @@ def wrk_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "socket_errors": sum(p["connect"] + p["read"] + p["write"] + p["timeout"] for p in parts),
         "proxy_cpu_ms_per_request": round(1000 * cpu_s / requests, 3) if measured else None,
         "rounds_cpu_ms_per_request": (
-            [round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts]
-            if measured
-            else None
+            [round(1000 * p["proxy_cpu_s"] / p["requests"], 3) for p in parts] if measured else None
         ),
     }
 
@@ -795,13 +796,13 @@ def floor_line(
     )
 
 
-def torchserve_floor_lines(result: dict[str, Any], markdown: bool) -> list[str]:
-    """floor_line for the TorchServe part (the gateway's TorchServe front door)."""
-    low, high = str(min(result["levels"])), str(max(result["levels"]))
-    names = (FRONT_DOOR, FLOOR, NGINX)
-    where = " in front of TorchServe"
-    levels = dict.fromkeys((low, high))
-    return [floor_line(result["sides"], level, names, where, markdown) for level in levels]
+def floor_lines(
+    result: dict[str, Any], part: str, names: tuple[str, str, str], where: str, markdown: bool
+) -> list[str]:
+    """floor_line of one part of the run (``part``: "sides", TorchServe's, or "stub") at the
+    lowest and the highest level."""
+    levels = dict.fromkeys((str(min(result["levels"])), str(max(result["levels"]))))
+    return [floor_line(result[part], level, names, where, markdown) for level in levels]
 
 
 def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
@@ -836,8 +837,7 @@ def stub_lines(result: dict[str, Any], markdown: bool) -> list[str]:
         lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>22}" for v in r[1:]) for r in rows]
     ratios = [(level, stub_ratios(stub, level)) for level in dict.fromkeys((low, high))]
     lines.append("")
-    for level in dict.fromkeys((low, high)):
-        lines.append(floor_line(stub, level, (STUB_GATEWAY, STUB_FLOOR, STUB_NGINX), "", markdown))
+    lines += floor_lines(result, "stub", STUB_FLOOR_SIDES, "", markdown)
     for level, found in ratios:
         for name, ratio in found.items():
             base = name.split(", at ", 1)[1]
@@ -865,7 +865,10 @@ def text_table(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call']):>12} "
             f"{_num(r['requests_per_torchserve_batch']):>13}"
         )
-    lines += ["", *torchserve_floor_lines(result, markdown=False)]
+    lines += [
+        "",
+        *floor_lines(result, "sides", TORCHSERVE_FLOOR_SIDES, " in front of TorchServe", False),
+    ]
     if result.get("stub"):
         lines += ["", "In front of the stub backend:", *stub_lines(result, markdown=False)]
     lines.append("")
@@ -888,7 +891,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['rounds']} interleaved rounds of {result['segment_s']} s per side and level; "
         f"TorchServe as services/torchserve/config.properties has it ({ts}, one intra-op "
         "thread per worker), nginx with one worker and upstream keep-alive, the Python floor "
-        "(bench/relay_floor.py) relaying bodies as they are. Latency: median "
+        "bench/relay_floor.py (uvicorn as the gateway runs it and the gateway's HTTP client, "
+        "relaying bodies as they are, with no other work). Latency: median "
         "of the rounds' wrk percentiles. CPU per request at "
         f"c={high}: utime + stime from /proc over the segments, divided by the requests "
         "completed (nginx: master and worker; the Python floor and the gateway: its process; "
@@ -911,14 +915,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_num(r['requests_per_torchserve_call'])} | "
             f"{_num(r['requests_per_torchserve_batch'])} |"
         )
-    lines += ["", *torchserve_floor_lines(result, markdown=True)]
+    lines += [
+        "",
+        *floor_lines(result, "sides", TORCHSERVE_FLOOR_SIDES, " in front of TorchServe", True),
+    ]
     if result.get("stub"):
         lines += [
             "",
             "In front of bench/stub_backend.py (answers at once, next to no CPU: what each "
-            "proxy itself costs), same wrk settings; the Python floor is bench/relay_floor.py "
-            "(uvicorn as the gateway runs it and the gateway's HTTP client, relaying bodies as "
-            "they are, with no other work)"
+            "proxy itself costs), same wrk settings"
             + (
                 ", with the gateway of each baseline revision from its own worktree"
                 if result.get("baseline")

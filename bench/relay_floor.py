@@ -53,6 +53,7 @@ def relay_app(upstream: str, model: str) -> Any:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 headers = {**JSON, "Authorization": value.decode("latin-1")}
+                break
         reply = await pool.request("POST", target, body=body, headers=headers, timeout_s=10.0)
         length = (b"content-length", str(len(reply.body)).encode())
         await send(
