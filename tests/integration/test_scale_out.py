@@ -218,12 +218,16 @@ def endpoint_up(url: str, backend: str) -> dict[str, float]:
 async def test_tfserving_replicas_get_even_shares(
     standins: Standins, gateway_url: str, path: str
 ) -> None:
-    # Equal replicas: each waits 10 ms per predict, as a pod whose time goes to its accelerator
+    # Equal replicas: each waits 25 ms per predict, as a pod whose time goes to its accelerator
     # does. Without the wait, three CPU-bound stand-ins on this small box are not equal (the
-    # scheduler favours one), and the balancer rightly sends the slower one less.
+    # scheduler favours one), and the balancer rightly sends the slower one less: with calls in
+    # flight balanced, each replica's share goes as 1 / its latency. The wait must dwarf the
+    # CPU time a stand-in can lose to its neighbours: at 10 ms, one took 841 of 3000 calls in
+    # a CI run of 2026-12-02 (what a replica a quarter slower gets); at 25 ms three runs here
+    # gave shares within 3 % of even.
     try:
         for handle in standins.handles.values():
-            handle.set_delay(10)
+            handle.set_delay(25)
         async with socket_client(gateway_url) as client:
             # Steady state: connections open, latency estimates settled (a process that was
             # starting beside them made one replica look slow for a moment).
